@@ -1,0 +1,75 @@
+"""The extent model every driver maps to: a virtual disk is a run of DATA, ZERO and UNALLOCATED ranges."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+
+class Kind(enum.IntEnum):
+    DATA = 0          # bytes must be read from the file
+    ZERO = 1          # allocated or flagged by the format as reading zeros
+    UNALLOCATED = 2   # a hole: reads as zeros (no backing file is ever followed)
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    offset: int
+    length: int
+    kind: Kind
+    host_offset: int | None = None
+    compressed: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def merge(extents: Iterable[Extent]) -> Iterator[Extent]:
+    """Join neighbours of the same kind; DATA runs join only when host offsets are contiguous."""
+    pending: Extent | None = None
+    for ext in extents:
+        if ext.length == 0:
+            continue
+        if pending is not None and pending.end == ext.offset and pending.kind == ext.kind \
+                and pending.compressed == ext.compressed and _host_contiguous(pending, ext):
+            pending = Extent(pending.offset, pending.length + ext.length, pending.kind,
+                             pending.host_offset, pending.compressed)
+            continue
+        if pending is not None:
+            yield pending
+        pending = ext
+    if pending is not None:
+        yield pending
+
+
+def _host_contiguous(a: Extent, b: Extent) -> bool:
+    if a.host_offset is None and b.host_offset is None:
+        return True
+    if a.host_offset is None or b.host_offset is None or a.compressed:
+        return False
+    return a.host_offset + a.length == b.host_offset
+
+
+def clip(extents: Iterable[Extent], start: int, end: int) -> Iterator[Extent]:
+    """The part of an extent stream that lies in [start, end)."""
+    for ext in extents:
+        if ext.end <= start:
+            continue
+        if ext.offset >= end:
+            break
+        lo, hi = max(ext.offset, start), min(ext.end, end)
+        host = None if ext.host_offset is None or ext.compressed else ext.host_offset + (lo - ext.offset)
+        yield Extent(lo, hi - lo, ext.kind, host if not ext.compressed else ext.host_offset, ext.compressed)
+
+
+def fill_gaps(extents: Iterable[Extent], virtual_size: int) -> Iterator[Extent]:
+    """Make a stream cover [0, virtual_size) exactly, holes reported as UNALLOCATED."""
+    pos = 0
+    for ext in extents:
+        if ext.offset > pos:
+            yield Extent(pos, ext.offset - pos, Kind.UNALLOCATED)
+        yield ext
+        pos = ext.end
+    if pos < virtual_size:
+        yield Extent(pos, virtual_size - pos, Kind.UNALLOCATED)
