@@ -220,11 +220,15 @@ def convert(src_format, out_format, options, compress, sparse, threads, progress
             force, force_format, verify, src, dst):
     """Convert SRC to DST in format -O, atomically (DST appears complete or not at all)."""
     from . import api
+    from .errors import UsageError
     from .formats import load_driver, parse_options
     from .io import parse_size
     from .progress import make_progress
-    opts = parse_options(options, load_driver(out_format))
+    driver = load_driver(out_format)
+    opts = parse_options(options, driver)
     if compress:
+        if "compress" not in driver.OPTIONS:
+            raise UsageError(f"-c: {out_format} output cannot be compressed")
         opts["compress"] = "on"
     with api.open_image(src, src_format) as probe_reader:
         total = probe_reader.virtual_size
