@@ -84,7 +84,7 @@ def cli(ctx, debug):
 @cli.command()
 @format_option
 @output_option
-@click.argument("filename", type=click.Path(dir_okay=True))
+@click.argument("filename")
 def info(fmt, output, filename):
     """Show what an image is: format, sizes and format-specific facts."""
     from . import api
@@ -136,7 +136,7 @@ def _echo_tree(value, depth: int) -> None:
 @click.option("--scan", is_flag=True, help="Also read data and report all-zero blocks as zero.")
 @click.option("--granularity", default="4K", show_default=True, help="Block size for --scan.")
 @threads_option
-@click.argument("filename", type=click.Path())
+@click.argument("filename")
 def map_cmd(fmt, output, scan, granularity, threads, filename):
     """Show which ranges of the virtual disk hold data, zeros, or nothing."""
     from . import api
@@ -178,8 +178,8 @@ def _stream_json_list(items) -> None:
 @click.option("-s", "strict", is_flag=True, help="Strict: images of different size are different.")
 @threads_option
 @with_progress
-@click.argument("image_a", type=click.Path())
-@click.argument("image_b", type=click.Path())
+@click.argument("image_a")
+@click.argument("image_b")
 def compare(fmt_a, fmt_b, strict, threads, progress_flag, quiet, progress, image_a, image_b):
     """Compare the guest content of two images: exit 0 identical, 1 different, 2 error."""
     global _error_exit_override
@@ -214,8 +214,8 @@ def compare(fmt_a, fmt_b, strict, threads, progress_flag, quiet, progress, image
 @click.option("--force", is_flag=True, help="Replace an existing destination.")
 @click.option("--force-format", is_flag=True, help="Read as -f says even if another format's magic is present.")
 @click.option("--verify", is_flag=True, help="Re-read the output and compare it with the source.")
-@click.argument("src", type=click.Path())
-@click.argument("dst", type=click.Path())
+@click.argument("src")
+@click.argument("dst")
 def convert(src_format, out_format, options, compress, sparse, threads, progress_flag, quiet, progress,
             force, force_format, verify, src, dst):
     """Convert SRC to DST in format -O, atomically (DST appears complete or not at all)."""
@@ -243,7 +243,7 @@ def convert(src_format, out_format, options, compress, sparse, threads, progress
 @cli.command()
 @format_option
 @output_option
-@click.argument("filename", type=click.Path())
+@click.argument("filename")
 def check(fmt, output, filename):
     """Check an image's metadata: 0 clean, 2 corruptions, 3 leaks, 1 could not check, 63 no checks."""
     global _error_exit_override
@@ -284,7 +284,7 @@ def check(fmt, output, filename):
 @click.option("-o", "options", metavar="OPTS", help="Output options, k=v[,k=v...].")
 @click.option("--size", "size", help="Measure a new empty image of this size instead of SRC.")
 @output_option
-@click.argument("src", required=False, type=click.Path())
+@click.argument("src", required=False)
 def measure(src_format, out_format, options, size, output, src):
     """How many bytes a conversion to -O will need: required and fully-allocated."""
     from . import api
