@@ -15,11 +15,15 @@ from .io import ImageFile
 
 HEAD_BYTES = 64 * 1024
 TAIL_BYTES = 4096
+BZIP2_LEVELS = tuple(bytes([c]) for c in b"123456789")
+BZIP2_BLOCK_MAGICS = (b"1AY&SY", b"\x17\x72\x45\x38\x50\x90")   # first block, or end of an empty stream
+ISO_DESCRIPTOR_TYPES = (0, 1, 2, 3, 0xFF)   # boot, primary, supplementary, partition, terminator
 
 # Human names for formats we recognise; the registry's own names are used as they are.
 DISPLAY = {
     "qcow": "QCOW version 1", "qed": "QED", "vhdx": "VHDX", "vdi": "VirtualBox VDI",
-    "luks": "LUKS encrypted", "parallels": "Parallels", "iso": "ISO 9660", "dmg": "Apple DMG",
+    "luks": "LUKS encrypted", "parallels": "Parallels", "iso": "ISO 9660", "udf": "UDF optical disc",
+    "dmg": "Apple DMG",
     "zvhd": "Huawei ZVHD", "zvhd2": "Huawei ZVHD2", "bochs": "Bochs", "cloop": "cloop",
     "gzip": "gzip-compressed", "xz": "xz-compressed", "bzip2": "bzip2-compressed",
     "zstd": "zstd-compressed", "tar": "tar archive (an OVA?)",
@@ -28,7 +32,7 @@ DISPLAY = {
 HINTS = {
     "gzip": "decompress it first", "xz": "decompress it first", "bzip2": "decompress it first",
     "zstd": "decompress it first", "tar": "extract the disk image (.vmdk) from it first",
-    "iso": "upload ISO files to IMS as they are",
+    "iso": "upload ISO files to IMS as they are", "udf": "upload ISO files to IMS as they are",
 }
 
 
@@ -75,19 +79,21 @@ def signatures(head: bytes, tail: bytes, size: int) -> list[str]:
         found.append("bochs")
     if head[:10] == b"#!/bin/sh\n" and b"#V2.0 Format" in head[:256]:
         found.append("cloop")
-    if head[:2] == b"\x1f\x8b":
+    if head[:3] == b"\x1f\x8b\x08" and len(head) >= 4 and not head[3] & 0xE0:
         found.append("gzip")
     if head[:6] == b"\xfd7zXZ\x00":
         found.append("xz")
-    if head[:3] == b"BZh" and head[3:4].isdigit():
+    if head[:3] == b"BZh" and head[3:4] in BZIP2_LEVELS and head[4:10] in BZIP2_BLOCK_MAGICS:
         found.append("bzip2")
     if head[:4] == b"\x28\xb5\x2f\xfd":
         found.append("zstd")
     if head[257:262] == b"ustar":
         found.append("tar")
-    if head[0x8001:0x8006] == b"CD001":
+    if head[0x8001:0x8006] == b"CD001" and head[0x8000] in ISO_DESCRIPTOR_TYPES:
         found.append("iso")
-    if size >= 1024 and tail[-512:-508] == b"koly":
+    elif head[0x8001:0x8006] == b"BEA01":
+        found.append("udf")
+    if size >= 1024 and tail[-512:-508] == b"koly" and tail[-504:-500] == b"\x00\x00\x02\x00":
         found.append("dmg")
     return found
 
