@@ -23,6 +23,8 @@ VMDK_MAX_GRAIN_SECTORS = 2 * 1024 * 2  # 2 MiB grains
 VMDK_MAX_GTES = 512
 VMDK_MAX_DESCRIPTOR = 1 * MiB
 VMDK_MAX_SECTORS = 1 << 32           # sector offsets are u32
+VMDK_MAX_GD_BYTES = 4 * MiB          # 1M grain tables: 2 TiB even with 4 KiB grains
+VMDK_GT_CACHE_BYTES = 16 * MiB       # VMDK grain tables kept in memory at once
 MAX_COMPRESSED_CHUNK = 4 * MiB       # any single compressed cluster/grain on disk
 MAX_EXTENTS_PER_MAP = 1 << 22
 
