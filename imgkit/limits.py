@@ -19,6 +19,7 @@ QCOW2_MAX_BACKING_NAME = 1023
 QCOW2_L2_CACHE_BYTES = 32 * MiB      # L2 tables kept in memory at once
 VHD_MAX_SECTORS = 0xFF000000         # qemu's VHD_MAX_SECTORS: 2040 GiB
 VHD_MAX_BLOCK_SIZE = 256 * MiB
+VHD_MAX_BAT_BYTES = 64 * MiB         # block table kept in memory (2040 GiB at 128 KiB blocks)
 VMDK_MAX_GRAIN_SECTORS = 2 * 1024 * 2  # 2 MiB grains
 VMDK_MAX_GTES = 512
 VMDK_MAX_DESCRIPTOR = 1 * MiB
