@@ -298,6 +298,129 @@ def measure(src_format, out_format, options, size, output, src):
         click.echo(f"fully allocated size: {result['fully-allocated']}")
 
 
+@cli.command()
+@format_option
+@click.option("--granularity", default="2M", show_default=True,
+              help="Bytes per bitmap bit (a power of two; 2M is the ZVHD2 block size).")
+@click.option("-o", "out", metavar="OUT", help="Bitmap file (default: IMAGE with its extension replaced by .mf).")
+@click.option("--force", is_flag=True, help="Replace an existing bitmap file.")
+@click.option("--verify", is_flag=True, help="Compare IMAGE with an existing BITMAP instead of writing one.")
+@output_option
+@threads_option
+@with_progress
+@click.argument("image")
+@click.argument("bitmap", required=False)
+def bitmap(fmt, granularity, out, force, verify, output, threads, progress_flag, quiet, progress, image, bitmap):
+    """Write the .mf bitmap of IMAGE for a RAW quick import (one bit per block holding data).
+
+    With --verify, recompute it and compare with BITMAP: exit 0 when it matches, 1 at the first
+    mismatching block."""
+    from . import api
+    from .errors import UsageError
+    from .ims import bitmap as mf
+    from .io import parse_size
+    from .progress import make_progress
+    if bitmap and not verify:
+        raise UsageError("a BITMAP argument is only taken with --verify (use -o to name the output)")
+    gran = parse_size(granularity)
+    with api.open_image(image, fmt) as reader:
+        api.ensure_readable(reader, force_format=bool(fmt))
+        mf.check_granularity(gran, reader.virtual_size)
+        bar = make_progress(_progress_mode(progress_flag, quiet, progress), reader.virtual_size, "bitmap")
+        try:
+            if verify:
+                result = mf.verify_bitmap(reader, bitmap or mf.default_bitmap_path(image), gran, threads, bar)
+            else:
+                result = mf.write_bitmap(reader, out or mf.default_bitmap_path(image), gran, force, threads, bar)
+        finally:
+            bar.close()
+    if verify:
+        if output == "json":
+            _emit_json(result.to_json())
+        else:
+            click.echo(result.message)
+        sys.exit(0 if result.matches else 1)
+    if output == "json":
+        _emit_json(result)
+    else:
+        click.echo(f"{result['bitmap']}: {result['blocks']} blocks of {_fmt_size(result['granularity'])}, "
+                   f"{result['data-blocks']} hold data ({result['bytes']} bytes)")
+
+
+def _ims_request_options(fn):
+    """The request fields validate and prepare share."""
+    options = [
+        click.option("--min-disk", "min_disk", type=int, help="Minimum disk in GB (default: the smallest valid)."),
+        click.option("--name", help="Image name."),
+        click.option("--description", help="Image description."),
+        click.option("--tag", "tags", multiple=True, metavar="KEY.VALUE", help="A tag (repeatable)."),
+        click.option("--image-tag", "image_tags", multiple=True, metavar="KEY=VALUE",
+                     help="An image_tags entry (repeatable; not with --tag)."),
+        click.option("--os-type", help="Linux, Windows or Other."),
+        click.option("--architecture", type=click.Choice(["x86", "arm"]), help="Quick import: x86 (default) or arm."),
+        click.option("--firmware", type=click.Choice(["bios", "uefi"]), help="Boot mode (hw_firmware_type)."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+@cli.command()
+@format_option
+@click.option("--method", type=click.Choice(["quick", "file", "data", "register"]), default="file",
+              show_default=True, help="How the file becomes an image: quick import, create from file, "
+                                      "data disk from file, or register on metadata.")
+@click.option("--disk", type=click.Choice(["system", "data"]), help="System or data disk "
+                                                                    "(default: data for --method data).")
+@_ims_request_options
+@click.option("--os-version", "os_version", help="OS version, a value of IMS table 9-1.")
+@click.option("--image-url", "image_url", metavar="BUCKET:OBJECT", help="Where the file will be in OBS.")
+@click.option("--bitmap", "bitmap_path", metavar="FILE", help="The .mf bitmap (default: IMAGE with .mf).")
+@click.option("--granularity", default="2M", show_default=True, help="Bytes per bitmap bit.")
+@threads_option
+@output_option
+@click.argument("image")
+def validate(fmt, method, disk, min_disk, name, description, tags, image_tags, os_type, architecture, firmware,
+             os_version, image_url, bitmap_path, granularity, threads, output, image):
+    """Check IMAGE and its request against the IMS rules: exit 0 without errors, 1 with any.
+
+    Each finding has a code (the service's IMG.xxxx where it has one), a severity, a message
+    and a fix; --output json gives them to CI."""
+    from .io import parse_size
+    from .ims.validate import Request, validate as run_validate
+    req = Request(method=method, disk=disk or ("data" if method == "data" else "system"), min_disk=min_disk,
+                  name=name, description=description, tags=tags, image_tags=image_tags, os_version=os_version,
+                  os_type=os_type, architecture=architecture, firmware=firmware, image_url=image_url,
+                  bitmap=bitmap_path, granularity=parse_size(granularity))
+    report = run_validate(image, req, fmt, threads)
+    if output == "json":
+        _emit_json(report.to_json())
+    else:
+        _echo_report(report)
+    sys.exit(0 if report.ok else 1)
+
+
+def _echo_report(report) -> None:
+    facts = report.facts
+    click.echo(f"image: {report.image}")
+    click.echo(f"path: {report.path.title} ({report.path.http} {report.path.uri}, section {report.path.section})")
+    if "virtual-size" in facts:
+        click.echo(f"format: {facts['format']}, virtual size {_fmt_size(facts['virtual-size'])}, "
+                   f"file {_fmt_size(facts['file-size'])}")
+    if facts.get("min-disk") is not None:
+        how = " (computed: the smallest valid value)" if facts.get("min-disk-computed") else ""
+        click.echo(f"min_disk: {facts['min-disk']} GB{how}")
+    if "partition-table" in facts:
+        table = facts["partition-table"]
+        click.echo(f"partition table: {table['table'] or 'none'}, {table['partitions']} partitions")
+    if "boot" in facts:
+        click.echo(f"boot: {facts['boot']}" + (" (EFI system partition found)" if "uefi" in facts["boot"] else ""))
+    for finding in report.findings:
+        click.echo(f"{finding.severity:<8}{finding.code:<27}{finding.message}")
+        click.echo(f"{'':<35}fix: {finding.fix}")
+    click.echo(f"result: {len(report.errors)} errors, {len(report.warnings)} warnings")
+
+
 def _on_sigterm(signum, frame):
     raise Interrupted("terminated by SIGTERM; nothing was left behind", exit_code=143)
 
