@@ -421,6 +421,71 @@ def _echo_report(report) -> None:
     click.echo(f"result: {len(report.errors)} errors, {len(report.warnings)} warnings")
 
 
+@cli.command()
+@click.argument("sources", nargs=-1, required=True, metavar="SRC...")
+@click.option("--out", "out_dir", required=True, metavar="DIR", help="Folder that receives one folder per image.")
+@click.option("--os-version", "os_version", help="OS version, a value of IMS table 9-1 (required for a system disk).")
+@click.option("--method", type=click.Choice(["auto", "quick", "file"]), default="auto", show_default=True,
+              help="auto: create from a compact file when every rule allows it, else quick import (RAW + bitmap).")
+@click.option("--disk", type=click.Choice(["system", "data"]), default="system", show_default=True)
+@click.option("--format", "out_format", type=click.Choice(["raw", "qcow2", "vhd", "vmdk"]),
+              help="Image format (default: qcow2 for create from file, raw for quick import).")
+@_ims_request_options
+@click.option("--bucket", help="OBS bucket for image_url (default: a <bucket> placeholder).")
+@click.option("--granularity", default="2M", show_default=True, help="Bytes per bitmap bit.")
+@click.option("-f", "src_format", metavar="FMT", help="Source format (default: detect).")
+@click.option("-j", "jobs", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Images prepared at once (processes).")
+@threads_option
+@with_progress
+@click.option("--force", is_flag=True, help="Replace existing image folders.")
+@output_option
+def prepare(sources, out_dir, os_version, method, disk, out_format, min_disk, name, description, tags, image_tags,
+            os_type, architecture, firmware, bucket, granularity, src_format, jobs, threads, progress_flag, quiet,
+            progress, force, output):
+    """Turn each SRC into a folder ready for IMS: image, bitmap, request.json, metadata.json,
+    manifest.json and SHA256SUMS, built atomically under DIR.
+
+    Arguments are checked before any conversion; several SRC run -j at a time, and a failed
+    image does not stop the others (exit 1 if any failed)."""
+    from .errors import UsageError
+    from .io import parse_size
+    from .ims import prepare as ims_prepare
+    from .ims.validate import Request
+    if disk == "system" and not os_version:
+        raise UsageError("--os-version is required for a system disk (IMG.0159 for quick import); "
+                         "see table 9-1 of the IMS reference")
+    req = Request(disk=disk, min_disk=min_disk, name=name, description=description, tags=tags,
+                  image_tags=image_tags, os_version=os_version, os_type=os_type, architecture=architecture,
+                  firmware=firmware, granularity=parse_size(granularity))
+    mode = _progress_mode(progress_flag, quiet, progress)
+    opts = ims_prepare.Options(out_dir, req, method, out_format, src_format, bucket, force, threads,
+                               mode if mode in ("bar", "json") else None)
+    outcomes = ims_prepare.prepare(list(sources), opts, jobs)
+    if output == "json":
+        _emit_json([o.to_json() for o in outcomes])
+    else:
+        _echo_outcomes(outcomes)
+    sys.exit(0 if all(o.ok for o in outcomes) else 1)
+
+
+def _echo_outcomes(outcomes) -> None:
+    for o in outcomes:
+        if o.ok:
+            click.echo(f"{o.src}: {o.folder}/ ready: {o.reason}")
+            for f in o.findings:
+                click.echo(f"  {f['severity']} {f['code']}: {f['message']} (fix: {f['fix']})")
+        else:
+            click.echo(f"{o.src}: FAILED: {o.error}")
+    if len(outcomes) > 1:
+        click.echo(f"\n{'image':<28}{'status':<8}{'method':<9}{'format':<8}{'size':>12}  folder / error")
+        for o in outcomes:
+            size = _fmt_size(o.size) if o.size is not None else "-"
+            where = o.folder if o.ok else o.error
+            click.echo(f"{o.name[:27]:<28}{'ok' if o.ok else 'FAILED':<8}{o.method or '-':<9}{o.format or '-':<8}"
+                       f"{size:>12}  {where}")
+
+
 def _on_sigterm(signum, frame):
     raise Interrupted("terminated by SIGTERM; nothing was left behind", exit_code=143)
 
