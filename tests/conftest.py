@@ -65,3 +65,13 @@ def patterned(size: int, step: int = 1 << 20, every: int = 3) -> list[tuple[int,
     """Runs where block i (of step bytes) is filled with byte i+1, for every `every`-th block."""
     return [(off, bytes([(off // step) % 255 + 1]) * min(step, size - off))
             for off in range(0, size, step * every)]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="run the long fuzz and hostile-image suites (same as IMGKIT_FUZZ_LONG=1)")
+
+
+def long_mode(config) -> bool:
+    """True with --long or IMGKIT_FUZZ_LONG=1: fuzzing runs for minutes, every hostile case runs."""
+    return bool(config.getoption("--long", default=False)) or os.environ.get("IMGKIT_FUZZ_LONG") == "1"
