@@ -8,6 +8,7 @@ count, never by the image size.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections import deque
@@ -77,23 +78,28 @@ def windows(extents: Iterable[Extent], virtual_size: int, size: int,
 
 
 class BufferPool:
-    """Reused window buffers: fresh 4 MiB allocations would page-fault on every window."""
+    """Reused window buffers: fresh 4 MiB allocations would page-fault on every window.
+
+    Buffers are page-aligned anonymous mappings: preadv into a malloc'ed (16-byte offset)
+    buffer ran at a fifth of the speed in our measurements (1.7 vs 8.6 GiB/s from page cache)."""
 
     def __init__(self, size: int):
         self.size = size
-        self._free: list[np.ndarray] = []
+        self._free: list[mmap.mmap] = []
         self._lock = threading.Lock()
 
     def get(self) -> np.ndarray:
         with self._lock:
-            if self._free:
-                return self._free.pop()
-        return np.empty(self.size, dtype=np.uint8)
+            memory = self._free.pop() if self._free else None
+        return np.frombuffer(memory if memory is not None else mmap.mmap(-1, self.size), dtype=np.uint8)
 
     def put(self, buf: np.ndarray) -> None:
-        whole = buf if buf.base is None else buf.base
+        """Return a buffer (or any view of one) to the pool."""
+        memory = buf
+        while isinstance(memory, np.ndarray):
+            memory = memory.base
         with self._lock:
-            self._free.append(whole)
+            self._free.append(memory)
 
 
 def read_window(reader: Reader, win: Window, pool: BufferPool) -> np.ndarray:

@@ -23,6 +23,7 @@ def kernels():
 def nonzero_blocks(buf, block_size: int) -> np.ndarray:
     """Bool array: block i of buf (the last one may be short) holds a non-zero byte."""
     data = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+    data = np.ascontiguousarray(data.reshape(-1).view(np.uint8))
     if block_size <= 0:
         raise ValueError("block_size must be positive")
     nblocks = -(-len(data) // block_size)
