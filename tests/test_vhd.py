@@ -4,6 +4,7 @@ import json
 import lzma
 import os
 import struct
+from dataclasses import replace
 
 import pytest
 
@@ -50,7 +51,7 @@ def edit_footer(path, **fields) -> None:
                 continue
             footer = vhd.Footer.parse(raw)
             f.seek(at)
-            f.write(vhd.replace(footer, **fields).pack())
+            f.write(replace(footer, **fields).pack())
 
 
 def sha(path) -> str:
@@ -297,3 +298,13 @@ def test_cli_check_reports_corruption_with_exit_2(tmp_path):
     assert "checksum mismatch" in out.stdout
     info = run_cli("info", path)
     assert info.returncode == 65 and "checksum" in info.stderr and "Traceback" not in info.stderr
+
+
+def test_cli_verify_accepts_a_size_rounded_up_to_a_sector(qemu_img, tmp_path):
+    src, dst = tmp_path / "odd.raw", tmp_path / "odd.vhd"
+    write_sparse(src, 5 * MiB + 1000, [(5 * MiB + 900, b"tail" * 25)])
+    out = run_cli("convert", "--verify", "-O", "vhd", "-o", "subformat=fixed", src, dst)
+    assert out.returncode == 0, out.stderr
+    assert qemu_info(dst, "vpc")["virtual-size"] == 5 * MiB + 1024
+    info = run_cli("info", dst)
+    assert "note: original size 5243880 differs from current size 5243904" in info.stdout

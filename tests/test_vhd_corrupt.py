@@ -113,6 +113,13 @@ def test_footer_copy_differs_from_footer(dynamic):
     assert "differs from the footer" in findings(dynamic)
 
 
+def test_damaged_footer_copy_falls_back_to_the_footer(dynamic):
+    poke(dynamic, 0, b"xxxxxxxx")
+    with api.open_image(dynamic, "vhd") as reader:       # qemu falls back the same way
+        assert reader.virtual_size == MiB
+    assert "footer copy at offset 0 is missing or damaged" in findings(dynamic)
+
+
 def test_bat_entry_past_the_end(dynamic):
     set_bat(dynamic, 3, os.path.getsize(dynamic) // 512 + 10)
     with pytest.raises(InvalidImage, match="block table entry 3 .* beyond the end of the file"):

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -78,8 +78,7 @@ def vhd_checksum(raw: bytes, at: int) -> int:
 
 
 def with_checksum(raw: bytes, at: int) -> bytes:
-    blank = raw[:at] + bytes(4) + raw[at + 4:]
-    return blank[:at] + struct.pack(">I", vhd_checksum(blank, at)) + blank[at + 4:]
+    return raw[:at] + struct.pack(">I", vhd_checksum(raw, at)) + raw[at + 4:]
 
 
 def round_up(value: int, unit: int) -> int:
@@ -266,7 +265,7 @@ def read_table(image: ImageFile, layout: Layout, entries: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=">u4").astype(np.int64)
 
 
-def block_extents_needed(layout: Layout, size: int, count: int) -> np.ndarray:
+def block_bytes_needed(layout: Layout, size: int, count: int) -> np.ndarray:
     """Bytes each block must have in the file: bitmap plus the data that the virtual size uses."""
     index = np.arange(count, dtype=np.int64)
     used = np.clip(size - index * layout.block_size, 0, layout.block_size)
@@ -355,7 +354,7 @@ class VhdReader(Reader):
         if not len(allocated):
             return
         starts = self.bat[allocated] * SECTOR
-        ends = starts + block_extents_needed(self.layout, self.virtual_size, len(self.bat))[allocated]
+        ends = starts + block_bytes_needed(self.layout, self.virtual_size, len(self.bat))[allocated]
         outside = np.flatnonzero(ends > self.image.size)
         if len(outside):
             first = int(outside[0])
@@ -699,6 +698,9 @@ def _check(image: ImageFile, report: CheckReport, findings: Findings) -> None:
         findings.add(f"{image.path}: VHD disk type {footer.disk_type} is not fixed (2), dynamic (3) or "
                      f"differencing (4)")
         return
+    if at != 0:
+        findings.add(f"{image.path}: the footer copy at offset 0 is missing or damaged (the footer at "
+                     f"offset {at} was used)")
     if footer.disk_type == DIFFERENCING:
         report.warnings.append("differencing disk: sectors not present here come from its parent image, "
                                "which is not checked")
