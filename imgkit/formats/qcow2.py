@@ -717,6 +717,15 @@ def parse_write_options(options: dict) -> WriteOptions:
 # Writer
 
 
+def l1_entries_for(virtual_size: int, cluster_size: int) -> int:
+    """L1 entries a new image needs; refused (as qemu does) when the table would pass 32 MiB."""
+    l1_size = -(-virtual_size // (cluster_size * (cluster_size // 8)))
+    if l1_size * 8 > QCOW2_MAX_L1_BYTES:
+        raise UsageError(f"virtual size {virtual_size} is too large for cluster_size={cluster_size}: the L1 "
+                         f"table would exceed {QCOW2_MAX_L1_BYTES} bytes; use a larger cluster_size")
+    return l1_size
+
+
 class RefcountLedger:
     """Refcounts of host clusters whose refcount block is not written yet (numpy per block).
 
@@ -778,10 +787,7 @@ class Qcow2Writer(Writer):
         self.chunk_size = cs = opts.cluster_size
         self.l2_entries = cs // 8
         self.table_span = cs * self.l2_entries
-        l1_size = -(-virtual_size // self.table_span)
-        if l1_size * 8 > QCOW2_MAX_L1_BYTES:
-            raise UsageError(f"virtual size {virtual_size} needs a {l1_size * 8}-byte L1 table with "
-                             f"cluster_size={cs}, above qemu's {QCOW2_MAX_L1_BYTES}; use a larger cluster_size")
+        l1_size = l1_entries_for(virtual_size, cs)
         self.l1 = np.zeros(l1_size, np.uint64)
         self.l1_offset = cs if l1_size else 0
         l1_clusters = -(-l1_size * 8 // cs)
@@ -991,6 +997,7 @@ def fully_allocated_size(virtual_size: int, cluster_size: int, refcount_order: i
 def measure(extents, virtual_size: int, options: dict) -> dict:
     opts = parse_write_options(options)
     cs = opts.cluster_size
+    l1_entries_for(virtual_size, cs)
     aligned = -(-virtual_size // cs) * cs
     full = fully_allocated_size(virtual_size, cs, opts.refcount_order)
     data, counted_to = 0, 0
