@@ -27,7 +27,7 @@ def python_bitmap(data: bytes, granularity: int) -> bytes:
     out = bytearray(-(-nblocks // 8))
     for i in range(nblocks):
         block = data[i * granularity:(i + 1) * granularity]
-        if any(b != 0 for b in block):
+        if block.count(0) != len(block):
             out[i // 8] |= 1 << (i % 8)
     return bytes(out)
 
