@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ImgkitError, InvalidImage, LimitExceeded, UnsupportedFormat, UsageError
+from ..errors import ImgkitError, InvalidImage, LimitExceeded, UnsafeImage, UnsupportedFormat, UsageError
 from ..extents import Extent, Kind, merge
 from ..io import AtomicOutput, ImageFile, parse_size
 from ..limits import (MAX_VIRTUAL_SIZE, QCOW2_L2_CACHE_BYTES, QCOW2_MAX_BACKING_NAME,
@@ -576,7 +576,7 @@ class Qcow2Reader(Reader):
 
     def readinto(self, offset: int, buf) -> None:
         if self.unsafe_reason:
-            raise ImgkitError(f"{self.image.path}: {self.unsafe_reason}")
+            raise UnsafeImage(f"{self.image.path}: {self.unsafe_reason}")
         view = memoryview(buf).cast("B")
         out = np.frombuffer(view, dtype=np.uint8)
         end = offset + len(view)
@@ -639,6 +639,10 @@ class Qcow2Reader(Reader):
                 out["backing-filename-format"] = hdr.backing_format
         if self.snapshots:
             out["snapshots"] = [s.to_json() for s in self.snapshots]
+        if out["dirty-flag"]:
+            out["warnings"] = [f"{self.image.path}: the dirty bit is set (qemu stopped without flushing "
+                               f"lazy refcounts); the mapping is read from L1/L2 and is complete, but "
+                               f"'imgkit check' may report stale refcounts"]
         return out
 
 
