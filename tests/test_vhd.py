@@ -219,6 +219,14 @@ def test_bad_options_are_usage_errors(tmp_path, options):
     assert not (tmp_path / "o.vhd").exists()
 
 
+@pytest.mark.parametrize("size,block_size,reason", [(2000 << 30, "4K", "exceed 64 MiB"),
+                                                    (2040 << 30, "128K", "beyond what the block table can address")])
+def test_block_size_too_small_for_the_disk(size, block_size, reason):
+    with pytest.raises(UsageError, match=reason):
+        api.measure("vhd", f"block_size={block_size}", size=size)
+    assert api.measure("vhd", None, size=2040 << 30)["required"] > 0
+
+
 def test_too_large_for_vhd_is_refused_with_the_limit(tmp_path):
     with pytest.raises(UnsupportedFormat) as info:
         api.measure("vhd", None, size=2041 << 30)

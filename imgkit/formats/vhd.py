@@ -542,10 +542,21 @@ def make_plan(virtual_size: int, options: dict) -> Plan:
         raise UnsupportedFormat(f"a VHD holds at most 2040 GiB ({MAX_SIZE} bytes); this disk is "
                                 f"{virtual_size} bytes: use qcow2 or raw")
     plan = Plan(subformat, virtual_size, disk_size, block_size)
-    if subformat == "dynamic" and plan.file_size(plan.entries) - plan.block_span > MAX_BAT_SECTOR * SECTOR:
-        raise UsageError(f"block_size={block_size} is too small for a {virtual_size}-byte VHD: its blocks "
-                         f"would lie beyond what the block table can address; use a larger block_size")
+    if subformat == "dynamic":
+        check_addressable(plan)
     return plan
+
+
+def check_addressable(plan: Plan) -> None:
+    """Refuse a block size whose table imgkit could not read back, or whose blocks it cannot address."""
+    too_small = f"block_size={plan.block_size} is too small for a {plan.source_size}-byte VHD"
+    if plan.entries * 4 > VHD_MAX_BAT_BYTES:
+        raise UsageError(f"{too_small}: its block table would exceed {VHD_MAX_BAT_BYTES // MiB} MiB; "
+                         f"use a larger block_size")
+    last_block = plan.file_size(plan.entries) - FOOTER_SIZE - plan.block_span
+    if last_block // SECTOR > MAX_BAT_SECTOR:
+        raise UsageError(f"{too_small}: its blocks would lie beyond what the block table can address; "
+                         f"use a larger block_size")
 
 
 def make_footer(plan: Plan) -> bytes:
