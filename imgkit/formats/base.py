@@ -46,6 +46,8 @@ class Writer:
 
     encode() runs in worker threads and must not touch shared state; commit() runs in the
     caller's thread in ascending offset order; finish() writes tables and footers last.
+    A writer whose layout needs no allocation (raw: every byte has a fixed place) may pwrite
+    in encode() itself, which lets writes run in parallel.
     """
 
     chunk_size: int = 512

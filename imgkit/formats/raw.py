@@ -77,22 +77,26 @@ class RawWriter(Writer):
                 raise write_error(out.dst, exc) from None
 
     def encode(self, offset: int, data: memoryview, mask: np.ndarray):
-        """Runs of consecutive data chunks, as zero-copy slices of the window."""
-        runs = []
+        """Write the runs of data chunks right here, in the worker thread.
+
+        A raw file needs no allocation order (every byte has its fixed place), and parallel
+        pwrite measured several times faster than one writing thread on a page cache."""
+        written = []
         if not mask.any():
-            return runs
+            return written
         edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
         cs = self.chunk_size
         for lo, hi in zip(edges[::2], edges[1::2]):
             start, stop = int(lo) * cs, min(int(hi) * cs, len(data))
-            runs.append((offset + start, data[start:stop]))
-        return runs
+            self.out.pwrite(data[start:stop], offset + start)
+            written.append((offset + start, stop - start))
+        return written
 
     def commit(self, offset: int, encoded) -> None:
-        for run_offset, payload in encoded:
+        """With preallocation=full, zero-fill the gaps before each written run, in order."""
+        for run_offset, length in encoded:
             self._zero_fill_to(run_offset)
-            self.out.pwrite(payload, run_offset)
-            self.filled = max(self.filled, run_offset + len(payload))
+            self.filled = max(self.filled, run_offset + length)
 
     def _zero_fill_to(self, target: int) -> None:
         if self.preallocation != "full":
