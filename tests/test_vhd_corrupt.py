@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import imgkit
 from imgkit import api
@@ -300,3 +301,26 @@ def test_boundary_integers(request, tmp_path, which, where, name, offset, code, 
         exercise(path, tmp_path)
     finally:
         signal.alarm(0)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bitmap=st.binary(min_size=16, max_size=16), start=st.integers(0, BLOCK - 1),
+       length=st.integers(1, BLOCK))
+def test_random_bitmaps_map_and_read_consistently(dynamic, bitmap, start, length):
+    """Extents follow the bitmap sector by sector, and readinto agrees with them."""
+    poke(dynamic, bat_entry(dynamic, 0) * 512, bitmap)
+    end = min(start + length, BLOCK)
+    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8))
+    with api.open_image(dynamic) as reader:
+        extents = list(reader.extents(start, end))
+        buf = bytearray(end - start)
+        reader.readinto(start, buf)
+    assert extents[0].offset == start and extents[-1].end == end
+    assert all(a.end == b.offset and a.kind != b.kind for a, b in zip(extents, extents[1:]))
+    for ext in extents:
+        sectors = bits[ext.offset // 512:(ext.end - 1) // 512 + 1]
+        part = buf[ext.offset - start:ext.end - start]
+        if ext.kind == Kind.DATA:
+            assert sectors.all() and part == b"\x11" * len(part)
+        else:
+            assert ext.kind == Kind.ZERO and not sectors.any() and part == bytes(len(part))
