@@ -11,7 +11,7 @@ import pytest
 
 from conftest import qemu, run_cli
 from imgkit import api
-from imgkit.errors import ImgkitError
+from imgkit.errors import ImgkitError, InvalidImage
 from imgkit.formats import qcow2
 from imgkit.io import ImageFile
 from test_qcow2_read import unpack_fixtures
@@ -136,7 +136,7 @@ def test_bad_table_entries(qemu_img, images, tmp_path, case):
 
 
 def test_every_l1_entry_names_one_l2_table(qemu_img, tmp_path):
-    """A million references to one L2 table must not make check or read slow."""
+    """Thousands of references to one L2 table: check stays fast, the reader refuses the image."""
     src = tmp_path / "src.raw"
     with open(src, "wb") as f:
         f.truncate(128 << 30)
@@ -149,8 +149,8 @@ def test_every_l1_entry_names_one_l2_table(qemu_img, tmp_path):
     with deadline(60):
         report = api.check(path)
         assert report.exit_code == 2
-        with api.open_image(path) as reader:
-            assert sum(1 for _ in reader.extents()) >= 1
+        with pytest.raises(InvalidImage, match="several L1 entries"):
+            api.open_image(path)
 
 
 @pytest.mark.parametrize("entry", [1 << 50, 512 + 65536, 0xFFFFFFFFFFFFFE00])

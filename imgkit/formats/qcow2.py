@@ -424,6 +424,7 @@ class Qcow2Reader(Reader):
         self.l1 = read_table(image, hdr.l1_offset, hdr.l1_needed, "QCOW2 L1 table") \
             if hdr.l1_needed else np.zeros(0, np.uint64)
         self.l1_used = np.flatnonzero(self.l1 & OFFSET_MASK)
+        self._refuse_shared_l2_tables()
         self.csize_shift = 62 - (hdr.cluster_bits - 8)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_slots = max(2, QCOW2_L2_CACHE_BYTES // cs)
@@ -439,6 +440,16 @@ class Qcow2Reader(Reader):
             return (f"it has a backing file {self.hdr.backing_file!r}; imgkit never follows backing "
                     f"files (flatten it first with qemu-img convert on a trusted host)")
         return None
+
+    def _refuse_shared_l2_tables(self) -> None:
+        """Two L1 entries naming one L2 table map two guest ranges onto the same clusters: qemu
+        never writes that, and a tiny file could otherwise claim terabytes of data."""
+        offsets = self.l1[self.l1_used] & OFFSET_MASK
+        unique, counts = np.unique(offsets, return_counts=True)
+        if len(unique) < len(offsets):
+            shared = int(unique[np.argmax(counts > 1)])
+            raise InvalidImage(f"{self.image.path}: QCOW2 L2 table at {shared:#x} is named by several "
+                               f"L1 entries; the image is corrupt (see 'imgkit check')")
 
     # -- L2 tables ----------------------------------------------------------------------------
 
