@@ -634,12 +634,13 @@ def create_writer(out: AtomicOutput, virtual_size: int, options: dict) -> Writer
 
 
 def measure(extents, virtual_size: int, options: dict) -> dict:
-    """Exact sizes of what create_writer produces (with the default -S scan granularity)."""
+    """Exact file sizes of what create_writer produces (with the default -S scan granularity).
+
+    A fixed VHD's file is always full size (holes only make it cheaper on the host), so both
+    numbers are that size, as qemu-img measure answers for raw."""
     plan = make_plan(virtual_size, options)
     if plan.subformat == "fixed":
-        data = sum(min(e.end, virtual_size) - e.offset for e in extents
-                   if e.kind == Kind.DATA and e.offset < virtual_size)
-        return {"required": data + FOOTER_SIZE, "fully-allocated": plan.file_size(0)}
+        return {"required": plan.file_size(0), "fully-allocated": plan.file_size(0)}
     return {"required": plan.file_size(count_blocks(extents, plan)),
             "fully-allocated": plan.file_size(plan.entries)}
 
