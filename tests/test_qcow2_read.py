@@ -204,9 +204,9 @@ def test_threads_share_a_tiny_l2_cache(tmp_path):
 
 
 def test_zstd_without_the_package_is_a_clear_error(images, monkeypatch):
-    from imgkit.formats import qcow2
     from imgkit.errors import UnsupportedFormat
-    monkeypatch.setattr(qcow2, "_zstd", lambda: None)
+    from imgkit.formats.qcow2 import codec
+    monkeypatch.setattr(codec, "zstd_module", lambda: None)
     with api.open_image(images["zstd.qcow2"]) as reader:
         assert reader.info()["format-specific"]["data"]["compression-type"] == "zstd"
         with pytest.raises(UnsupportedFormat, match="zstandard"):
