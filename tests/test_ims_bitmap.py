@@ -1,6 +1,7 @@
 """The .mf bitmap: layout, the property against a plain Python loop, holes never read, the CLI."""
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 
@@ -58,18 +59,19 @@ def test_bitmap_equals_a_plain_python_loop(tmp_path_factory, layout):
     with api.open_image(path) as reader:
         mask = mf.compute_mask(reader, granularity)
         assert mf.pack(mask) == expected
-        streamed = streamed_bitmap(reader, folder / "copy.raw", granularity)
+        streamed, digest = streamed_bitmap(reader, folder / "copy.raw", granularity)
     assert mf.pack(streamed) == expected
+    assert digest == hashlib.sha256(image_bytes(size, runs)).hexdigest()
 
 
-def streamed_bitmap(reader, dst, granularity: int) -> np.ndarray:
-    """The bitmap prepare builds while converting (DigestWriter around the raw writer)."""
+def streamed_bitmap(reader, dst, granularity: int) -> tuple[np.ndarray, str]:
+    """The bitmap and digest prepare builds while converting (DigestWriter around the raw writer)."""
     stream = mf.StreamingBitmap(reader.virtual_size, granularity)
     with AtomicOutput(dst) as out:
         writer = DigestWriter(raw.create_writer(out, reader.virtual_size, {}), reader.virtual_size, stream)
         engine.copy(reader, writer)
         writer.finish()
-    return stream.mask
+    return stream.mask, writer.hexdigest()
 
 
 def test_layout_is_lsb_first_without_header(tmp_path):

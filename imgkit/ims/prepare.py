@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import re
 import shutil
 import sys
@@ -211,14 +212,18 @@ def estimated_size(reader, driver, src: str) -> int | None:
 # ---------------------------------------------------------------- streaming digest and bitmap
 
 class DigestWriter(Writer):
-    """Wraps a driver's Writer: SHA-256 of the virtual disk in commit order, and the bitmap mask."""
+    """Wraps a driver's Writer: SHA-256 of the virtual disk in commit order, and the bitmap mask.
+
+    The digest runs in its own thread (OrderedHasher), so hashing overlaps reading and writing;
+    commit only hands it a copy of the window (the engine reuses the buffer after commit)."""
 
     def __init__(self, inner: Writer, virtual_size: int, bitmap: mf.StreamingBitmap | None):
         self.inner = inner
         self.chunk_size = inner.chunk_size
         self.virtual_size = virtual_size
         self.bitmap = bitmap
-        self.sha = hashlib.sha256()
+        self.hasher = OrderedHasher()
+        self.hasher.start()
         self.hashed = 0
 
     def encode(self, offset, data, mask):
@@ -227,24 +232,73 @@ class DigestWriter(Writer):
 
     def commit(self, offset, encoded) -> None:
         inner, data, blocks = encoded
-        self._zeros_to(offset)
-        self.sha.update(data)
+        self.hasher.feed_zeros(offset - self.hashed)
+        self.hasher.feed(bytes(data))
         self.hashed = offset + len(data)
         if blocks is not None:
             self.bitmap.apply(*blocks)
         self.inner.commit(offset, inner)
 
     def finish(self) -> None:
-        self._zeros_to(self.virtual_size)
+        self.hasher.feed_zeros(self.virtual_size - self.hashed)
+        self.hashed = self.virtual_size
         self.inner.finish()
 
-    def _zeros_to(self, target: int) -> None:
-        """Windows the engine skipped are all zeros: feed them to the digest as such."""
-        view = memoryview(ZEROS)
-        while self.hashed < target:
-            n = min(HASH_CHUNK, target - self.hashed)
-            self.sha.update(view[:n])
-            self.hashed += n
+    def hexdigest(self) -> str:
+        return self.hasher.hexdigest()
+
+    def cancel(self) -> None:
+        self.hasher.cancel()
+
+
+class OrderedHasher(threading.Thread):
+    """SHA-256 over pieces handed in order: bytes, or a count of zero bytes (windows never read)."""
+
+    QUEUE_DEPTH = 8      # bounds the copies held: 8 windows
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.sha = hashlib.sha256()
+        self.pieces: queue.Queue = queue.Queue(self.QUEUE_DEPTH)
+        self.failure: BaseException | None = None
+        self.cancelled = False
+
+    def feed(self, data: bytes) -> None:
+        self._put(data)
+
+    def feed_zeros(self, count: int) -> None:
+        if count > 0:
+            self._put(count)
+
+    def _put(self, piece) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.pieces.put(piece)
+
+    def run(self) -> None:
+        zeros = memoryview(ZEROS)
+        try:
+            while (piece := self.pieces.get()) is not None:
+                if self.cancelled:
+                    continue
+                if isinstance(piece, int):
+                    for done in range(0, piece, HASH_CHUNK):
+                        self.sha.update(zeros[:min(HASH_CHUNK, piece - done)])
+                else:
+                    self.sha.update(piece)
+        except BaseException as exc:   # handed to the caller by _put() or hexdigest()
+            self.failure = exc
+
+    def hexdigest(self) -> str:
+        self.pieces.put(None)
+        self.join()
+        if self.failure is not None:
+            raise self.failure
+        return self.sha.hexdigest()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.pieces.put(None)
 
 
 def is_identity(reader) -> bool:
@@ -360,15 +414,19 @@ def convert(reader, src: str, image_path: str, choice: Choice, req: Request, opt
         with AtomicOutput(image_path, False, [src]) as out:
             writer = DigestWriter(driver.create_writer(out, reader.virtual_size, {}), reader.virtual_size,
                                   stream_bitmap)
-            engine.copy(reader, writer, threads=opts.threads, progress=progress)
-            writer.finish()
+            try:
+                engine.copy(reader, writer, threads=opts.threads, progress=progress)
+                writer.finish()
+            except BaseException:
+                writer.cancel()
+                raise
     except BaseException:
         if source_hasher is not None:
             source_hasher.stop.set()
         raise
     finally:
         progress.close()
-    virtual_sha = writer.sha.hexdigest()
+    virtual_sha = writer.hexdigest()
     source_sha = virtual_sha if source_identity else source_hasher.result()
     with api.open_image(image_path, choice.out_format) as written:
         image_sha = virtual_sha if is_identity(written) else file_sha256(image_path)
