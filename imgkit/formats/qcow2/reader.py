@@ -95,27 +95,24 @@ class Qcow2Reader(Reader):
         entries = rows[:, 0]
         packed = (entries & COMPRESSED) != 0
         offsets = entries & OFFSET_MASK
+        self._refuse_unaligned(offsets[~packed])
         if subs == 1:
             kinds = np.full(len(entries), UNALLOCATED, np.uint8)
             kinds[offsets != 0] = DATA
             kinds[(entries & ZERO_FLAG) != 0] = ZERO
-            hosts = offsets
-        else:
-            kinds, hosts = self._classify_subclusters(rows, offsets)
+            kinds[packed] = PACKED
+            return kinds, np.where(packed, entries, offsets)
+        kinds, hosts = self._classify_subclusters(rows, offsets)
         kinds[packed] = PACKED
-        if subs > 1:
-            hosts = np.where(packed[:, None], entries[:, None], hosts)
-            kinds, hosts = kinds.reshape(-1), hosts.reshape(-1)
-            skip = first - first // subs * subs
-            kinds, hosts = kinds[skip:skip + stop - first], hosts[skip:skip + stop - first]
-        else:
-            hosts = np.where(packed, entries, hosts)
-        bad = (kinds == DATA) & (hosts % np.uint64(self.cluster_size) != 0) if subs == 1 else \
-            (kinds == DATA) & (hosts % np.uint64(self.unit) != 0)
+        hosts = np.where(packed[:, None], entries[:, None], hosts)
+        skip, count = first % subs, stop - first
+        return kinds.reshape(-1)[skip:skip + count], hosts.reshape(-1)[skip:skip + count]
+
+    def _refuse_unaligned(self, offsets: np.ndarray) -> None:
+        bad = offsets % np.uint64(self.cluster_size) != 0
         if bad.any():
             raise InvalidImage(f"{self.image.path}: QCOW2 L2 entry points to an unaligned data "
-                               f"cluster ({int(hosts[np.flatnonzero(bad)[0]]):#x})")
-        return kinds, hosts
+                               f"cluster ({int(offsets[np.flatnonzero(bad)[0]]):#x})")
 
     def _classify_subclusters(self, rows: np.ndarray, offsets: np.ndarray):
         bitmap = rows[:, 1]
