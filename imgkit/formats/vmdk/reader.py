@@ -6,7 +6,6 @@ contiguous uncompressed grains become one pread and holes are never read.
 from __future__ import annotations
 
 import threading
-import zlib
 from collections import OrderedDict
 from typing import Iterator
 
@@ -16,6 +15,7 @@ from ... import limits
 from ...errors import InvalidImage, LimitExceeded
 from ...extents import Extent, Kind, merge
 from ..base import Reader
+from . import deflate
 from .layout import GRAIN_MARKER_BYTES, GTE_UNALLOCATED, GTE_ZEROED, SECTOR, unpack_grain_marker
 from .sparse import SparseExtent
 
@@ -171,10 +171,10 @@ class VmdkReader(Reader):
 
 def inflate_grain(payload: bytes, grain_bytes: int, need: int, where: str) -> bytes:
     """A zlib stream (RFC 1950) that must yield at least need and at most grain_bytes bytes."""
-    inflater = zlib.decompressobj()
+    inflater = deflate.decompressobj()
     try:
         out = inflater.decompress(payload, grain_bytes)
-    except zlib.error as exc:
+    except deflate.errors as exc:
         raise InvalidImage(f"{where}: corrupt compressed data ({exc})") from None
     if inflater.unconsumed_tail:
         raise InvalidImage(f"{where}: inflates to more than one grain")

@@ -181,7 +181,7 @@ class MonolithicSparseWriter(_GrainWriter):
             if len(payload) % GRAIN_BYTES:
                 payload = bytes(payload).ljust((hi - lo) * GRAIN_BYTES, b"\0")
             sectors = [i * GRAIN_SECTORS for i in range(hi - lo)]
-            runs.append((first + lo, sectors, payload, zlib.crc32(payload)))
+            runs.append((first + lo, sectors, payload, deflate.crc32(payload)))
         return runs
 
     def write_table(self, index: int, table: np.ndarray) -> None:
@@ -223,19 +223,17 @@ class StreamOptimizedWriter(_GrainWriter):
         first = offset // GRAIN_BYTES
         runs = []
         for lo, hi in _grain_runs(mask, first):
-            pieces, sectors, at = [], [], 0
+            blob, sectors = bytearray(), []
             for g in range(lo, hi):
                 grain = data[g * GRAIN_BYTES:(g + 1) * GRAIN_BYTES]
                 if len(grain) < GRAIN_BYTES:
                     grain = bytes(grain).ljust(GRAIN_BYTES, b"\0")
                 packed = deflate.compress(grain)
-                piece = pack_grain_marker((first + g) * GRAIN_SECTORS, len(packed)) + packed
-                piece += bytes(-len(piece) % SECTOR)
-                pieces.append(piece)
-                sectors.append(at)
-                at += len(piece) // SECTOR
-            blob = b"".join(pieces)
-            runs.append((first + lo, sectors, blob, zlib.crc32(blob)))
+                sectors.append(len(blob) // SECTOR)
+                blob += pack_grain_marker((first + g) * GRAIN_SECTORS, len(packed))
+                blob += packed
+                blob += bytes(-len(blob) % SECTOR)
+            runs.append((first + lo, sectors, blob, deflate.crc32(blob)))
         return runs
 
     def write_table(self, index: int, table: np.ndarray) -> None:
