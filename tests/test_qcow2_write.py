@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import qemu, run_cli, write_sparse
+from conftest import qemu, qemu_info, run_cli, write_sparse
 from imgkit import api
 from imgkit.errors import UsageError
 from imgkit.formats import qcow2
@@ -109,12 +109,16 @@ def test_incompressible_clusters_are_stored_plain(tmp_path):
 
 
 def test_empty_and_tiny_images(qemu_img, tmp_path):
-    for size in (0, 512, 65536 + 512):
+    """Sizes are rounded up to whole sectors, as qemu-img does (1000 bytes become 1024)."""
+    for size in (0, 512, 1000, 65536 + 512, 65536 + 1):
         src, out = tmp_path / f"{size}.raw", tmp_path / f"{size}.qcow2"
         write_sparse(src, size, [(0, b"z" * min(size, 512))] if size else [])
         api.convert(src, out, "qcow2", src_format="raw")
         assert qemu("check", str(out), check=False).returncode == 0
-        assert api.info(out)["virtual-size"] == size
+        assert qemu("compare", "-f", "raw", str(src), str(out), check=False).returncode == 0
+        theirs = tmp_path / f"{size}.theirs.qcow2"
+        qemu("convert", "-f", "raw", "-O", "qcow2", str(src), str(theirs))
+        assert api.info(out)["virtual-size"] == qemu_info(out)["virtual-size"] == qemu_info(theirs)["virtual-size"]
 
 
 @pytest.mark.parametrize("text, message", [

@@ -28,7 +28,7 @@ class Qcow2Reader(Reader):
         self.hdr = hdr
         self.snapshots = snapshots
         self.bitmaps = bitmaps
-        self.virtual_size = hdr.virtual_size
+        self.virtual_size = hdr.virtual_size // 512 * 512   # qemu reads whole sectors only
         self.cluster_size = cs = hdr.cluster_size
         self.subclusters = 32 if hdr.extended_l2 else 1
         self.unit = cs // self.subclusters

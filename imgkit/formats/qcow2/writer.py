@@ -127,7 +127,7 @@ class Qcow2Writer(Writer):
     def __init__(self, out: AtomicOutput, virtual_size: int, opts: WriteOptions):
         self.out = out
         self.opts = opts
-        self.virtual_size = virtual_size
+        self.virtual_size = -(-virtual_size // 512) * 512   # qemu sizes disks in whole sectors
         self.chunk_size = cs = opts.cluster_size
         self.l2_entries = cs // 8
         self.table_span = cs * self.l2_entries
