@@ -210,3 +210,21 @@ def test_cli_check_exit_code_for_corruption(qemu_img, images, tmp_path):
     assert "ERROR cluster 5 refcount=1 reference=2" in result.stdout
     result = run_cli("check", tmp_path / "missing.qcow2")
     assert result.returncode == 1
+
+
+def test_thousands_of_snapshots_sharing_one_l1_table(images, tmp_path):
+    """Snapshot L1 tables shared by many entries are walked once: check answers quickly."""
+    data = bytearray(images["snap.qcow2"].read_bytes())
+    hdr, _ = _layout(images["snap.qcow2"])
+    _, _, id_len, name_len, *_rest, extra = struct.unpack_from(">QIHHIIQII", data, hdr.snapshots_offset)
+    entry_len = (40 + extra + id_len + name_len + 7) // 8 * 8
+    entry = bytes(data[hdr.snapshots_offset:hdr.snapshots_offset + entry_len])
+    table_at = -(-len(data) // hdr.cluster_size) * hdr.cluster_size
+    data.extend(bytes(table_at - len(data)) + entry * 5000)
+    struct.pack_into(">IQ", data, 60, 5000, table_at)
+    path = tmp_path / "many-snapshots.qcow2"
+    path.write_bytes(bytes(data))
+    with deadline(60):
+        assert len(api.info(path)["snapshots"]) == 5000
+        report = api.check(path)
+    assert report.exit_code == 2

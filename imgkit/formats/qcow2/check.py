@@ -1,6 +1,7 @@
 """qemu-img check for QCOW2: rebuild every host cluster's reference count and compare."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,14 @@ class _Messages:
         else:
             self.dropped += 1
 
+    def add_each(self, rows, describe) -> None:
+        """One message per row of numpy values; stops formatting once the cap is reached."""
+        for row in rows:
+            if len(self.items) >= MAX_CHECK_MESSAGES:
+                self.dropped += 1
+                continue
+            self.items.append(describe(*(int(v) for v in row)))
+
 
 class _RefcountCheck:
     """Rebuild every host cluster's reference count from the metadata and compare it with the
@@ -65,10 +74,10 @@ class _RefcountCheck:
         self.refs = np.zeros(self.nb, np.uint32)
         self.ondisk = self._load_refcounts()
         self._inc(0, self.cs, "header")
-        l2_refs: dict[int, int] = {}
+        l2_refs: list = []
         active = self._l1_entries(self.hdr.l1_offset, self.hdr.l1_size, "L1 table", l2_refs)
         snapshots_ok = self._snapshot_l1s(l2_refs)
-        self._walk_l2_tables(active, l2_refs)
+        self._walk_l2_tables(*active, l2_refs)
         if snapshots_ok:
             self._bitmaps()
         if self.hdr.crypto_header:
@@ -97,8 +106,12 @@ class _RefcountCheck:
         inside = clusters[~beyond].astype(np.int64)
         np.add.at(self.refs, inside, times)
 
-    def _ondisk(self, cluster: int) -> int:
-        return int(self.ondisk[cluster]) if cluster < self.nb else 0
+    def _ondisk_many(self, clusters: np.ndarray) -> np.ndarray:
+        """On-disk refcounts of clusters (0 for clusters past the end of the file)."""
+        out = np.zeros(len(clusters), np.uint64)
+        inside = clusters < self.nb
+        out[inside] = self.ondisk[clusters[inside].astype(np.int64)]
+        return out
 
     # -- refcount structures ----------------------------------------------------------------
 
@@ -139,32 +152,34 @@ class _RefcountCheck:
 
     # -- L1 / L2 ----------------------------------------------------------------------------
 
-    def _l1_entries(self, offset: int, size: int, what: str, l2_refs: dict) -> list:
-        """Count an L1 table and note its L2 tables; returns (index, entry) of valid entries."""
+    def _l1_entries(self, offset: int, size: int, what: str, l2_refs: list,
+                    times: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Count an L1 table (times: how many snapshots share it) and note its L2 tables;
+        returns the indices and entries that name a usable L2 table."""
+        nothing = np.zeros(0, np.int64), np.zeros(0, np.uint64)
         if size == 0:
-            return []
-        self._inc(offset, size * 8, what)
+            return nothing
+        self._inc(offset, size * 8, what, times)
         try:
             l1 = read_table(self.image, offset, size, f"QCOW2 {what}")
         except InvalidImage as exc:
             self.errors.add(str(exc))
-            return []
-        valid = []
-        for index in np.flatnonzero(l1).tolist():
-            entry = int(l1[index])
-            l2 = entry & OFFSET_MASK
-            if entry & L1_RESERVED:
-                self.errors.add(f"found L1 entry with reserved bits set: {entry:#x} ({what} index {index})")
-            if l2 == 0:
-                continue
-            if l2 % self.cs:
-                self.errors.add(f"L2 table offset {l2:#x} unaligned ({what} index {index})")
-                continue
-            l2_refs[l2] = l2_refs.get(l2, 0) + 1
-            valid.append((index, entry))
-        return valid
+            return nothing
+        indices = np.flatnonzero(l1)
+        entries = l1[indices]
+        reserved = (entries & np.uint64(L1_RESERVED)) != 0
+        self.errors.add_each(zip(indices[reserved], entries[reserved]),
+                             lambda i, e: f"found L1 entry with reserved bits set: {e:#x} ({what} index {i})")
+        l2 = entries & np.uint64(OFFSET_MASK)
+        unaligned = (l2 % np.uint64(self.cs)) != 0
+        self.errors.add_each(zip(indices[unaligned], l2[unaligned]),
+                             lambda i, o: f"L2 table offset {o:#x} unaligned ({what} index {i})")
+        usable = (l2 != 0) & ~unaligned
+        l2_refs.append((l2[usable], times))
+        return indices[usable], entries[usable]
 
-    def _snapshot_l1s(self, l2_refs: dict) -> bool:
+    def _snapshot_l1s(self, l2_refs: list) -> bool:
+        """Snapshot L1 tables; snapshots sharing one table are walked once, counted per snapshot."""
         if not self.hdr.nb_snapshots:
             return True
         try:
@@ -173,31 +188,35 @@ class _RefcountCheck:
             self.errors.add(f"snapshot table: {exc}")
             return False
         self._inc(self.hdr.snapshots_offset, table_size, "snapshot table")
-        for i, snap in enumerate(snapshots):
-            self._l1_entries(snap.l1_offset, snap.l1_size, f"snapshot {i} L1 table", l2_refs)
+        tables = Counter((snap.l1_offset, snap.l1_size) for snap in snapshots)
+        for (offset, size), times in tables.items():
+            self._l1_entries(offset, size, f"snapshot L1 table at {offset:#x}", l2_refs, times)
         return True
 
-    def _walk_l2_tables(self, active: list, l2_refs: dict) -> None:
+    def _walk_l2_tables(self, indices: np.ndarray, entries: np.ndarray, l2_refs: list) -> None:
         """Each distinct L2 table is read once; its data references count once per L1 entry
         that points to it (so a table named a million times cannot make check slow)."""
+        offsets = np.concatenate([o for o, _ in l2_refs]) if l2_refs else np.zeros(0, np.uint64)
+        weights = np.concatenate([np.full(len(o), t, np.int64) for o, t in l2_refs]) if l2_refs else None
+        tables, inverse = np.unique(offsets, return_inverse=True)
+        counts = np.bincount(inverse, weights=weights, minlength=len(tables)).astype(np.int64)
+        active_l2 = entries & np.uint64(OFFSET_MASK)
+        active_tables = set(np.unique(active_l2).tolist())
         stats_of: dict[int, _TableStats] = {}
-        active_tables = {entry & OFFSET_MASK for _, entry in active}
-        for l2, times in sorted(l2_refs.items()):
+        for l2, times in zip(tables.tolist(), counts.tolist()):
             self._inc(l2, self.cs, "L2 table", times)
-            if l2 + self.cs > self.image.size:
-                continue
-            stats_of[l2] = self._l2_table(l2, times, l2 in active_tables)
-        for index, entry in active:
-            l2 = entry & OFFSET_MASK
-            refcount = self._ondisk(l2 // self.cs)
-            if (refcount == 1) != bool(entry & COPIED):
-                self.errors.add(f"OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={entry:x} "
-                                f"refcount={refcount}")
+            if l2 + self.cs <= self.image.size:
+                stats_of[l2] = self._l2_table(l2, times, l2 in active_tables)
+        refcounts = self._ondisk_many(active_l2 // np.uint64(self.cs))
+        wrong = (refcounts == 1) != ((entries & np.uint64(COPIED)) != 0)
+        self.errors.add_each(zip(indices[wrong], entries[wrong], refcounts[wrong]),
+                             lambda i, e, r: f"OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={r}")
+        for l2, times in zip(*(a.tolist() for a in np.unique(active_l2, return_counts=True))):
             stats = stats_of.get(l2)
             if stats is not None:
-                self.stats.allocated += stats.allocated
-                self.stats.compressed += stats.compressed
-                self.stats.fragmented += stats.fragmented
+                self.stats.allocated += times * stats.allocated
+                self.stats.compressed += times * stats.compressed
+                self.stats.fragmented += times * stats.fragmented
 
     def _l2_table(self, l2: int, times: int, active: bool) -> _TableStats:
         raw = np.frombuffer(self.image.pread(self.cs, l2), dtype=">u8").astype(np.uint64)
@@ -242,8 +261,8 @@ class _RefcountCheck:
                         active: bool) -> None:
         hosts = offsets[standard]
         unaligned = hosts % np.uint64(self.cs) != 0
-        for host in hosts[unaligned].tolist():
-            self.errors.add(f"offset={host:x}: Cluster is not properly aligned; L2 entry corrupted.")
+        self.errors.add_each(zip(hosts[unaligned]),
+                             lambda h: f"offset={h:x}: Cluster is not properly aligned; L2 entry corrupted.")
         good = hosts[~unaligned]
         clusters = good // np.uint64(self.cs)
         self._inc_clusters(clusters, "data", times)
@@ -253,19 +272,18 @@ class _RefcountCheck:
         if not active:
             return
         flagged = entries[standard][~unaligned]
-        inside = clusters < self.nb
-        refcounts = np.zeros(len(clusters), np.uint64)
-        refcounts[inside] = self.ondisk[clusters[inside].astype(np.int64)]
-        wrong = (refcounts == 1) != ((flagged & COPIED) != 0)
-        for entry, refcount in zip(flagged[wrong][:MAX_CHECK_MESSAGES].tolist(), refcounts[wrong].tolist()):
-            self.errors.add(f"OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}")
+        refcounts = self._ondisk_many(clusters)
+        wrong = (refcounts == 1) != ((flagged & np.uint64(COPIED)) != 0)
+        self.errors.add_each(zip(flagged[wrong], refcounts[wrong]),
+                             lambda e, r: f"OFLAG_COPIED data cluster: l2_entry={e:x} refcount={r}")
 
     def _check_bitmaps(self, rows, offsets, packed) -> None:
         bitmaps = rows[~packed, 1]
         alloc = bitmaps & np.uint64(0xFFFFFFFF)
         zero = bitmaps >> np.uint64(32)
         invalid = ((alloc & zero) != 0) | ((alloc != 0) & (offsets[~packed] == 0))
-        for count in [int(np.count_nonzero(invalid))] if invalid.any() else []:
+        count = int(np.count_nonzero(invalid))
+        if count:
             self.errors.add(f"{count} extended L2 entries have an invalid subcluster bitmap")
 
     # -- other structures -------------------------------------------------------------------
