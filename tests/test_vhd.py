@@ -10,7 +10,7 @@ import pytest
 
 import imgkit
 from imgkit import api
-from imgkit.errors import ImgkitError, UnsafeImage, UnsupportedFormat, UsageError
+from imgkit.errors import UnsafeImage, UnsupportedFormat, UsageError
 from imgkit.extents import Kind
 from imgkit.formats import vhd
 
@@ -251,8 +251,8 @@ def test_bad_options_are_usage_errors(tmp_path, options):
     assert not (tmp_path / "o.vhd").exists()
 
 
-@pytest.mark.parametrize("size,block_size,reason", [(2000 << 30, "4K", "exceed 64 MiB"),
-                                                    (2040 << 30, "128K", "beyond what the block table can address")])
+@pytest.mark.parametrize("size,block_size,reason", [
+    (2000 << 30, "4K", "exceed 64 MiB"), (2040 << 30, "128K", "beyond what the block table can address")])
 def test_block_size_too_small_for_the_disk(size, block_size, reason):
     with pytest.raises(UsageError, match=reason):
         api.measure("vhd", f"block_size={block_size}", size=size)

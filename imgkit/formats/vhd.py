@@ -430,7 +430,8 @@ class VhdReader(Reader):
 
     def _read_exact(self, part: memoryview, host: int) -> None:
         if self.image.readinto(part, host) != len(part):
-            raise InvalidImage(f"{self.image.path}: short read of VHD data at offset {host}; the file is truncated")
+            raise InvalidImage(f"{self.image.path}: short read of VHD data at offset {host}; "
+                               f"the file is truncated")
 
     def info(self) -> dict:
         f = self.footer
