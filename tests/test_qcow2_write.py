@@ -218,3 +218,18 @@ def _set_refcount(path, cluster: int, value: int) -> None:
     with open(path, "r+b") as f:
         f.seek(block + (cluster % per_block) * 2)
         f.write(value.to_bytes(2, "big"))
+
+
+@pytest.fixture(scope="module")
+def fixture_images(tmp_path_factory):
+    from test_qcow2_read import unpack_fixtures
+    return unpack_fixtures(tmp_path_factory.mktemp("qcow2-sources"))
+
+
+@pytest.mark.parametrize("name", ["zeros.qcow2", "el2.qcow2", "zlib.qcow2", "zstd.qcow2", "snap.qcow2",
+                                  "c512.qcow2", "dirty.qcow2"])
+@pytest.mark.parametrize("opts", [{}, {"compress": "on", "cluster_size": "4K"}])
+def test_qemu_made_qcow2_to_qcow2(qemu_img, fixture_images, tmp_path, name, opts):
+    out = tmp_path / "out.qcow2"
+    api.convert(fixture_images[name], out, "qcow2", options=opts)
+    assert_valid_copy(qemu_img, fixture_images[name], out, fmt_src="qcow2")
