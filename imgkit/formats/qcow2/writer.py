@@ -30,35 +30,47 @@ class WriteOptions:
 
 
 def parse_write_options(options: dict) -> WriteOptions:
-    compat = options.get("compat", "1.1")
-    versions = {"1.1": 3, "v3": 3, "0.10": 2, "v2": 2}
-    if compat not in versions:
-        raise UsageError(f"compat={compat!r}: use 1.1 (v3) or 0.10 (v2)")
-    version = versions[compat]
-    cluster_size = parse_size(options.get("cluster_size", "64K"))
-    if not 512 <= cluster_size <= 2 << 20 or cluster_size & (cluster_size - 1):
-        raise UsageError(f"cluster_size={options.get('cluster_size')}: use a power of two from 512 to 2M")
-    bits_text = options.get("refcount_bits", "16")
-    if not bits_text.isdigit() or int(bits_text) not in (1, 2, 4, 8, 16, 32, 64):
-        raise UsageError(f"refcount_bits={bits_text!r}: use 1, 2, 4, 8, 16, 32 or 64")
-    refcount_bits = int(bits_text)
-    if version == 2 and refcount_bits != 16:
-        raise UsageError("refcount_bits other than 16 need compat=1.1")
-    ctype = options.get("compression_type", "zlib")
-    if ctype not in ("zlib", "zstd"):
-        raise UsageError(f"compression_type={ctype!r}: use zlib or zstd")
-    if ctype == "zstd" and version == 2:
-        raise UsageError("compression_type=zstd needs compat=1.1")
+    """-o values (and compress=on from -c) checked the way qemu-img create checks them."""
+    version = _compat(options.get("compat", "1.1"))
+    refcount_bits = _refcount_bits(options.get("refcount_bits", "16"), version)
+    compression_type = _compression_type(options.get("compression_type", "zlib"), version)
     if options.get("lazy_refcounts", "off") != "off":
         raise UsageError("lazy_refcounts=on is not supported: imgkit always writes exact refcounts")
     compress = options.get("compress", "off")
     if compress not in ("on", "off"):
         raise UsageError(f"compress={compress!r}: use on or off")
-    return WriteOptions(version, cluster_size.bit_length() - 1, refcount_bits.bit_length() - 1,
-                        1 if ctype == "zstd" else 0, compress == "on")
+    return WriteOptions(version, _cluster_bits(options.get("cluster_size", "64K")),
+                        refcount_bits.bit_length() - 1, compression_type, compress == "on")
 
 
-# Writer
+def _compat(text: str) -> int:
+    versions = {"1.1": 3, "v3": 3, "0.10": 2, "v2": 2}
+    if text not in versions:
+        raise UsageError(f"compat={text!r}: use 1.1 (v3) or 0.10 (v2)")
+    return versions[text]
+
+
+def _cluster_bits(text: str) -> int:
+    size = parse_size(text)
+    if not 512 <= size <= 2 << 20 or size & (size - 1):
+        raise UsageError(f"cluster_size={text}: use a power of two from 512 to 2M")
+    return size.bit_length() - 1
+
+
+def _refcount_bits(text: str, version: int) -> int:
+    if not text.isdigit() or int(text) not in (1, 2, 4, 8, 16, 32, 64):
+        raise UsageError(f"refcount_bits={text!r}: use 1, 2, 4, 8, 16, 32 or 64")
+    if version == 2 and int(text) != 16:
+        raise UsageError("refcount_bits other than 16 need compat=1.1")
+    return int(text)
+
+
+def _compression_type(text: str, version: int) -> int:
+    if text not in ("zlib", "zstd"):
+        raise UsageError(f"compression_type={text!r}: use zlib or zstd")
+    if text == "zstd" and version == 2:
+        raise UsageError("compression_type=zstd needs compat=1.1")
+    return 1 if text == "zstd" else 0
 
 
 def l1_entries_for(virtual_size: int, cluster_size: int) -> int:
@@ -131,7 +143,7 @@ class Qcow2Writer(Writer):
         self.chunk_size = cs = opts.cluster_size
         self.l2_entries = cs // 8
         self.table_span = cs * self.l2_entries
-        l1_size = l1_entries_for(virtual_size, cs)
+        l1_size = l1_entries_for(self.virtual_size, cs)
         self.l1 = np.zeros(l1_size, np.uint64)
         self.l1_offset = cs if l1_size else 0
         l1_clusters = -(-l1_size * 8 // cs)
@@ -261,26 +273,31 @@ class Qcow2Writer(Writer):
             ledger.written.append(host)
 
     def finish(self) -> None:
-        cs, ledger = self.chunk_size, self.ledger
         self._write_tables()
         self._write_final_blocks()
-        used = -(-self.next_free // cs)
-        blocks, table_clusters = self._tail_sizes(used)
-        start = used * cs
-        self.next_free = start
-        ledger.add(used, blocks - len(ledger.written) + table_clusters)
-        for index in range(len(ledger.written), blocks):
-            host = start + (index - len(ledger.written)) * cs
-            self.out.pwrite(ledger.encode(index), host)
-        offsets = ledger.written + [start + i * cs for i in range(blocks - len(ledger.written))]
-        table_at = start + (blocks - len(ledger.written)) * cs
-        reftable = np.zeros(table_clusters * cs // 8, np.uint64)
-        reftable[:len(offsets)] = offsets
-        self.out.pwrite(reftable.astype(">u8").tobytes(), table_at)
+        table_at, table_clusters = self._write_tail_refcounts()
         if len(self.l1):
             self.out.pwrite(self.l1.astype(">u8").tobytes(), self.l1_offset)
         self.out.pwrite(self._header(table_at, table_clusters), 0)
-        self.out.truncate(table_at + table_clusters * cs)
+        self.out.truncate(table_at + table_clusters * self.chunk_size)
+
+    def _write_tail_refcounts(self) -> tuple[int, int]:
+        """The remaining refcount blocks, then the refcount table, at the end of the file;
+        sized together so that they also count themselves. Returns the table's place and size."""
+        cs, ledger = self.chunk_size, self.ledger
+        used = -(-self.next_free // cs)
+        blocks, table_clusters = self._tail_sizes(used)
+        done = len(ledger.written)
+        ledger.add(used, blocks - done + table_clusters)
+        for index in range(done, blocks):
+            host = (used + index - done) * cs
+            self.out.pwrite(ledger.encode(index), host)
+            ledger.written.append(host)
+        table_at = (used + blocks - done) * cs
+        reftable = np.zeros(table_clusters * cs // 8, np.uint64)
+        reftable[:blocks] = ledger.written
+        self.out.pwrite(reftable.astype(">u8").tobytes(), table_at)
+        return table_at, table_clusters
 
     def _tail_sizes(self, used: int) -> tuple[int, int]:
         """Refcount blocks in total and refcount table clusters so that they cover themselves."""
@@ -309,9 +326,6 @@ def create_writer(out: AtomicOutput, virtual_size: int, options: dict) -> Qcow2W
     return Qcow2Writer(out, virtual_size, parse_write_options(options))
 
 
-# measure
-
-
 def refcount_metadata_clusters(clusters: int, cluster_size: int, refcount_order: int) -> int:
     """Refcount blocks + table clusters needed to count clusters plus themselves (fixed point)."""
     per_block = cluster_size * 8 >> refcount_order
@@ -338,6 +352,7 @@ def fully_allocated_size(virtual_size: int, cluster_size: int, refcount_order: i
 
 
 def measure(extents, virtual_size: int, options: dict) -> dict:
+    """qemu-img measure's numbers: fully allocated metadata plus the clusters that hold data."""
     opts = parse_write_options(options)
     cs = opts.cluster_size
     l1_entries_for(virtual_size, cs)
