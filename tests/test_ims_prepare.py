@@ -188,6 +188,10 @@ def test_bad_arguments_are_refused_by_plan(tmp_path):
         prepare([src], Options(out, Request(os_version=OS, name="x" * 129)))
     with pytest.raises(UsageError, match="quick import"):
         prepare([src], Options(out, Request(os_version=OS), method="quick", out_format="qcow2"))
+    with pytest.raises(UsageError, match="granularity"):
+        prepare([src], Options(out, Request(os_version=OS, granularity=3000)))
+    with pytest.raises(UsageError, match="IMG.0109"):
+        prepare([src], Options(out, Request(os_version=OS), bucket="Bad Bucket"))
     other = tmp_path / "b"
     other.mkdir()
     with pytest.raises(UsageError, match="both"):

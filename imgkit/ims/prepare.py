@@ -132,6 +132,7 @@ def check_options(opts: Options) -> None:
         if opts.method == "quick" and get_format(opts.out_format).name != "raw":
             raise UsageError(f"--format {opts.out_format}: quick import takes RAW (+ bitmap) or ZVHD2, "
                              f"and imgkit writes RAW")
+    mf.check_granularity(opts.request.granularity)
     if opts.bucket is not None and not rules.BUCKET_NAME.fullmatch(opts.bucket):
         raise UsageError(f"--bucket {opts.bucket!r}: not a valid OBS bucket name (IMG.0109)")
     parent = os.path.dirname(os.path.abspath(opts.out_dir))
@@ -170,39 +171,44 @@ class Choice:
 
 def choose(reader, src: str, req: Request, opts: Options) -> Choice:
     """auto: the file path with a compact format when all its rules hold, else quick import."""
-    candidates = candidate_paths(opts)
-    reasons = []
-    for path in candidates:
+    refused = []
+    for path in candidate_paths(opts):
         out_format = opts.out_format or (COMPACT_FORMAT if path.method != "quick" else "raw")
-        problems = path_problems(reader, src, request_for(req, path), path, out_format)
+        problems, held = judge_path(reader, request_for(req, path), path, out_format)
         if not problems:
-            why = "" if not reasons else f" ({'; '.join(reasons)})"
-            return Choice(path, out_format, f"{path.title} as {out_format}{why}")
-        reasons.append(f"{path.title} as {out_format} not possible: {'; '.join(problems)}")
-    raise PrepareFailed(f"{src}: " + "; ".join(reasons))
+            prefix = f"--method {opts.method}" if opts.method != "auto" else "auto"
+            why = "; ".join(refused + held)
+            target = f"{out_format} + bitmap" if out_format.upper() in path.needs_bitmap else out_format
+            return Choice(path, out_format, f"{prefix}: {path.title} as {target}" + (f" ({why})" if why else ""))
+        refused.append(f"{path.title} as {out_format} is not possible: {'; '.join(problems)}")
+    raise PrepareFailed(f"{src}: " + "; ".join(refused))
 
 
-def path_problems(reader, src: str, req: Request, path: rules.ImportPath, out_format: str) -> list[str]:
-    """Why this path cannot take this disk (empty when it can), judged before converting."""
+def judge_path(reader, req: Request, path: rules.ImportPath, out_format: str) -> tuple[list[str], list[str]]:
+    """(why this path cannot take this disk, which of its rules hold), judged before converting."""
     problems = [f.message for f in check_request(req) if f.severity == ERROR]
-    problems += [f.message for f in check_min_disk(path, reader.virtual_size, req.min_disk)[0]
-                 if f.severity == ERROR]
+    min_disk_findings, facts = check_min_disk(path, reader.virtual_size, req.min_disk)
+    problems += [f.message for f in min_disk_findings if f.severity == ERROR]
+    held = [f"min_disk {facts['min-disk']} GB fits {path.min_disk[0]}-{path.min_disk[1]} GB"] \
+        if facts.get("min-disk") is not None and not min_disk_findings else []
     try:
         driver = load_driver(out_format)
         if not hasattr(driver, "create_writer"):
             raise UnsupportedFormat(f"writing {out_format} is not supported")
     except UnsupportedFormat as exc:
-        return problems + [exc.message]
+        return problems + [exc.message], held
     if out_format.upper() not in path.formats:
         problems.append(f"{out_format.upper()} is not accepted ({path.format_code})")
-    estimate = estimated_size(reader, driver, src)
+    estimate = estimated_size(reader, driver)
+    limit = f"{path.max_file // rules.GB} GB"
     if estimate is not None and estimate > path.max_file:
-        problems.append(f"the {out_format} file would be about {estimate} bytes, over the "
-                        f"{path.max_file // rules.GB} GB limit (IMG.0059)")
-    return problems
+        problems.append(f"the {out_format} file would be about {estimate} bytes, over the {limit} limit (IMG.0059)")
+    elif estimate is not None:
+        held.append(f"measure: about {estimate} bytes of {out_format}, under {limit}")
+    return problems, held
 
 
-def estimated_size(reader, driver, src: str) -> int | None:
+def estimated_size(reader, driver) -> int | None:
     """measure's estimate of the converted file, from metadata only."""
     if not hasattr(driver, "measure"):
         return None
