@@ -210,6 +210,10 @@ def test_cli_check_exit_code_for_corruption(qemu_img, images, tmp_path):
     assert "ERROR cluster 5 refcount=1 reference=2" in result.stdout
     result = run_cli("check", tmp_path / "missing.qcow2")
     assert result.returncode == 1
+    unknown = patched(images["v3.qcow2"], tmp_path / "unknown.qcow2", 72, (1 << 40).to_bytes(8, "big"))
+    result = run_cli("check", unknown)
+    assert result.returncode == qemu("check", str(unknown), check=False).returncode == 1
+    assert "unknown incompatible" in result.stderr
 
 
 def test_thousands_of_snapshots_sharing_one_l1_table(images, tmp_path):
