@@ -203,3 +203,18 @@ def test_errors_are_imgkit_errors_on_the_command_line(tmp_path):
     assert done.returncode == 65, done.stderr
     assert "Traceback" not in done.stderr
     assert isinstance(InvalidImage("x"), ImgkitError)
+
+
+def test_vmware_style_embedded_descriptor_is_accepted(tmp_path):
+    path = tmp_path / "vmware.vmdk"
+    data = bytearray((VMDK / "sparse.vmdk").read_bytes())
+    text = ('# Disk DescriptorFile\nversion=1\nencoding="windows-1252"\nCID=8d7b8f1c\nparentCID=ffffffff\n'
+            'isNativeSnapshot="no"\ncreateType="monolithicSparse"\n\n# Extent description\n'
+            'RW 12288 SPARSE "vmware.vmdk"\n\n# The Disk Data Base\n#DDB\n\n'
+            'ddb.adapterType = "lsilogic"\nddb.comment = "caf\xe9"\nddb.longContentID = "0123abcd"\n'
+            'ddb.toolsInstallType = "4"\nddb.uuid = "60 00 C2 9a"\nddb.virtualHWVersion = "14"\n')
+    raw = text.encode("latin-1")
+    data[512:512 * 21] = raw.ljust(512 * 20, b"\0")
+    path.write_bytes(bytes(data))
+    facts = api.info(path)["format-specific"]["data"]
+    assert facts["cid"] == 0x8D7B8F1C and facts["create-type"] == "monolithicSparse"

@@ -194,3 +194,13 @@ def test_all_zero_data_leaves_grains_unallocated(tmp_path):
         assert {e.kind.name for e in reader.extents()} == {"UNALLOCATED"}
     assert out.stat().st_size == 128 * 512
     assert struct.unpack_from("<I", out.read_bytes(), 4)[0] == 1
+
+
+@pytest.mark.parametrize("subformat", SUBFORMATS)
+def test_info_of_our_output_matches_qemu(qemu_img, tmp_path, subformat):
+    src, out = tmp_path / "src.raw", tmp_path / "out.vmdk"
+    write_sparse(src, 5 * MiB, [(MiB, varied(GRAIN + 1, 3))])
+    convert(src, out, subformat)
+    ours, theirs = api.info(out), qemu_info(out)
+    for key, value in theirs.items():
+        assert ours.get(key) == value, key

@@ -63,8 +63,8 @@ def parse(raw: bytes, where: str) -> Descriptor:
     text = raw.split(b"\0", 1)[0]
     try:
         decoded = text.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidImage(f"{where}: the VMDK descriptor is not valid UTF-8 text") from None
+    except UnicodeDecodeError:   # encoding="windows-1252" descriptors exist; every byte maps in latin-1
+        decoded = text.decode("latin-1")
     desc = Descriptor()
     for number, line in enumerate(decoded.split("\n"), 1):
         _parse_line(desc, line.strip(), number, where)
