@@ -121,7 +121,7 @@ class _RefcountCheck:
         per_block = self.cs * 8 // bits
         self.reftable = read_table(self.image, hdr.reftable_offset, hdr.reftable_clusters * self.cs // 8,
                                    "QCOW2 refcount table")
-        ondisk = np.zeros(self.nb, np.uint64 if bits > 32 else np.uint32)
+        ondisk = np.zeros(self.nb, np.uint32)   # 64-bit refcounts above 2^32-1 are clipped
         useful = min(len(self.reftable), -(-self.nb // per_block))
         for index in range(useful):
             offset = int(self.reftable[index])
@@ -130,7 +130,8 @@ class _RefcountCheck:
             raw = self.image.pread(self.cs, offset)
             counts = _decode_refcounts(raw.ljust(self.cs, b"\0"), bits)
             lo = index * per_block
-            ondisk[lo:lo + per_block] = counts[:max(0, min(per_block, self.nb - lo))]
+            counts = np.minimum(counts[:max(0, min(per_block, self.nb - lo))].astype(np.uint64), 0xFFFFFFFF)
+            ondisk[lo:lo + len(counts)] = counts
         return ondisk
 
     def _refcount_structures(self) -> None:
