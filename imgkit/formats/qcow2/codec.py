@@ -15,8 +15,10 @@ def zstd_module():
 
 
 def deflate_compressor():
-    """zlib-ng when installed (about 2.5x faster than the stdlib at level 6, output within 3%;
-    isal is faster still but 6-8% larger), else the stdlib zlib."""
+    """zlib-ng when installed, else the stdlib zlib, both at level 6 like qemu. Measured on
+    64 KiB clusters of an ext4 image and of shared libraries: zlib-ng takes 0.4-0.6x the stdlib's
+    CPU for output 0.6-2.8% larger; isal (level 2-3) is faster still but 2.5-7% larger, too
+    close to the 5% size budget against qemu-img."""
     try:
         from zlib_ng import zlib_ng as module
     except ImportError:
