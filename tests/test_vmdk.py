@@ -218,3 +218,20 @@ def test_vmware_style_embedded_descriptor_is_accepted(tmp_path):
     path.write_bytes(bytes(data))
     facts = api.info(path)["format-specific"]["data"]
     assert facts["cid"] == 0x8D7B8F1C and facts["create-type"] == "monolithicSparse"
+
+
+def test_zeroed_grain_entries_read_as_zeros_like_qemu(qemu_img, tmp_path):
+    path = tmp_path / "zeroed.vmdk"
+    data = bytearray((VMDK / "sparse.vmdk").read_bytes())
+    data[4:12] = struct.pack("<II", 2, 0x7)          # version 2, zeroed-grain GTEs in use
+    for table in (22, 27):                            # redundant and primary grain tables
+        data[table * 512:table * 512 + 4] = struct.pack("<I", 1)
+    path.write_bytes(bytes(data))
+    with api.open_image(path) as reader:
+        assert next(reader.extents()).kind == Kind.ZERO
+    expected = tmp_path / "qemu.raw"
+    qemu("convert", "-O", "raw", str(path), str(expected))
+    ours = tmp_path / "ours.raw"
+    api.convert(path, ours, "raw")
+    assert ours.read_bytes() == expected.read_bytes()
+    assert api.check(path).exit_code == 0

@@ -288,8 +288,9 @@ def stream_grain_bound() -> int:
 
 
 def measure(extents, virtual_size: int, options: dict) -> dict:
-    """monolithicSparse: exact (grains touched by DATA). streamOptimized: an upper bound that
-    assumes every grain is incompressible (the real file depends on the data)."""
+    """monolithicSparse: exact when every grain that DATA extents touch holds a non-zero byte
+    (the writer leaves all-zero grains out, so otherwise it is an upper bound).
+    streamOptimized: always an upper bound, every grain counted as incompressible."""
     settings = parse_settings(options)
     capacity = capacity_sectors(virtual_size)
     grains = -(-capacity // GRAIN_SECTORS)
