@@ -476,7 +476,7 @@ def _echo_outcomes(outcomes) -> None:
             for f in o.findings:
                 click.echo(f"  {f['severity']} {f['code']}: {f['message']} (fix: {f['fix']})")
         else:
-            click.echo(f"{o.src}: FAILED: {o.error}")
+            click.echo(f"FAILED: {o.error}")
     if len(outcomes) > 1:
         click.echo(f"\n{'image':<28}{'status':<8}{'method':<9}{'format':<8}{'size':>12}  folder / error")
         for o in outcomes:
