@@ -23,7 +23,7 @@ def sparse_buffers(draw):
 @settings(max_examples=200, deadline=None)
 @given(sparse_buffers(), st.sampled_from([1, 7, 8, 512, 4096, 4097, 65536, 1 << 21]))
 def test_nonzero_blocks_matches_numpy(buf, block):
-    got = native.nonzero_blocks(buf, block)
+    got = native.nonzero_blocks_jit(buf, block)
     want = native.nonzero_blocks_numpy(buf, block)
     assert got.dtype == np.bool_
     np.testing.assert_array_equal(got, want)
@@ -33,19 +33,29 @@ def test_nonzero_blocks_matches_numpy(buf, block):
 @given(st.lists(st.booleans(), max_size=300))
 def test_pack_bits_matches_numpy(bits):
     mask = np.array(bits, dtype=np.bool_)
-    np.testing.assert_array_equal(native.pack_bits(mask), native.pack_bits_numpy(mask))
+    np.testing.assert_array_equal(native.pack_bits_jit(mask), native.pack_bits_numpy(mask))
 
 
 def test_pack_bits_is_lsb_first():
     mask = np.zeros(10, dtype=np.bool_)
     mask[[0, 3, 9]] = True
-    assert native.pack_bits(mask).tobytes() == bytes([0b00001001, 0b00000010])
+    for pack in (native.pack_bits_jit, native.pack_bits_numpy):
+        assert pack(mask).tobytes() == bytes([0b00001001, 0b00000010])
 
 
 def test_last_partial_block_counts():
     buf = np.zeros(4096 * 2 + 10, dtype=np.uint8)
     buf[-1] = 1
-    assert native.nonzero_blocks(buf, 4096).tolist() == [False, False, True]
+    for scan in (native.nonzero_blocks_jit, native.nonzero_blocks_numpy):
+        assert scan(buf, 4096).tolist() == [False, False, True]
+
+
+def test_preload_switches_to_the_numba_kernels():
+    native.preload()
+    assert native.kernels() is not None
+    buf = np.zeros(10_000, dtype=np.uint8)
+    buf[5000] = 1
+    assert native.nonzero_blocks(buf, 4096).tolist() == [False, True, False]
 
 
 def test_import_does_not_load_numba():
