@@ -229,6 +229,14 @@ def test_format_imgkit_cannot_read_is_still_judged(tmp_path):
     assert codes(validate(str(luks), Request(os_version=OS)), "error") == ["IMG.0072"]
 
 
+def test_iso_file_needs_os_version(tmp_path):
+    iso = tmp_path / "install.iso"
+    write_sparse(iso, MiB, [(0x8001, b"CD001")])
+    assert "IMGKIT.OS_VERSION_MISSING" in codes(validate(str(iso), Request()), "error")
+    report = validate(str(iso), Request(os_version=OS))
+    assert report.ok and codes(report) == ["IMGKIT.UNREADABLE"]
+
+
 def test_backing_file_is_refused(tmp_path, qemu_img):
     base = mbr_disk(tmp_path / "base.raw")
     qemu("create", "-f", "qcow2", "-F", "raw", "-b", str(base), str(tmp_path / "top.qcow2"))

@@ -455,6 +455,9 @@ def _unreadable(image_path: str, req: Request, path: ImportPath, exc: Unsupporte
     if fmt is None:
         return [error("IMG.0057", exc.message, "give a valid image file")]
     found, _ = check_file(path, fmt, os.path.getsize(image_path), None, req.min_disk)
+    if fmt == "iso" and req.os_version is None:
+        found.append(error("IMGKIT.OS_VERSION_MISSING", "os_version is required for an ISO file (5.1.3)",
+                           "pass --os-version"))
     if not any(f.severity == ERROR and f.code == path.format_code for f in found):
         found.append(warning("IMGKIT.UNREADABLE", f"{exc.message}; only the file's format and size were checked",
                              "check the disk's content with the tool that made it"))
