@@ -21,32 +21,47 @@ from .sparse import SparseExtent
 
 
 class GrainTables:
-    """Grain tables by directory index, read on demand and kept in a bounded, locked LRU."""
+    """Grain tables by directory index, read on demand and kept in a bounded, locked LRU.
+
+    A miss reads the tables that follow on disk too (up to BATCH), since writers lay them
+    out back to back and walks are sequential: a 2 TiB disk has 65536 tables."""
+
+    BATCH = 64
 
     def __init__(self, extent: SparseExtent):
         self.extent = extent
-        self.capacity = max(1, limits.VMDK_GT_CACHE_BYTES // extent.gt_bytes)
+        self.capacity = max(self.BATCH, limits.VMDK_GT_CACHE_BYTES // extent.gt_bytes)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self._empty = np.zeros(extent.header.gtes_per_gt, dtype="<u4")
+        gd = extent.gd.astype(np.int64)
+        step = -(-extent.gt_bytes // SECTOR)
+        self._follows = np.append((gd[1:] == gd[:-1] + step) & (gd[1:] != 0), False)
 
     def get(self, index: int) -> np.ndarray:
-        sector = int(self.extent.gd[index])
-        if sector == 0:
+        if self.extent.gd[index] == 0:
             return self._empty
         with self._lock:
             table = self._cache.get(index)
             if table is not None:
                 self._cache.move_to_end(index)
                 return table
-        raw = self.extent.image.pread_exact(self.extent.gt_bytes, sector * SECTOR,
-                                            f"VMDK grain table {index}")
-        table = np.frombuffer(raw, dtype="<u4")
+        tables = self._read_batch(index)
         with self._lock:
-            self._cache[index] = table
+            for i, t in enumerate(tables):
+                self._cache[index + i] = t
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
-        return table
+        return tables[0]
+
+    def _read_batch(self, index: int) -> list[np.ndarray]:
+        count = 1
+        while count < self.BATCH and index + count < len(self._follows) and self._follows[index + count - 1]:
+            count += 1
+        size = self.extent.gt_bytes
+        raw = self.extent.image.pread_exact(size * count, int(self.extent.gd[index]) * SECTOR,
+                                            f"VMDK grain table {index}")
+        return [np.frombuffer(raw, dtype="<u4", count=size // 4, offset=i * size) for i in range(count)]
 
 
 class VmdkReader(Reader):
@@ -73,12 +88,26 @@ class VmdkReader(Reader):
         yield from merge(self._grain_runs(start, end))
 
     def _grain_runs(self, start: int, end: int) -> Iterator[Extent]:
+        """Runs over blocks of up to BATCH tables at once, so a huge empty disk costs little."""
         first, last = start // self.grain_bytes, (end - 1) // self.grain_bytes
-        for index in range(first // self.gtes, last // self.gtes + 1):
+        block = self.gtes * GrainTables.BATCH
+        grain = first
+        while grain <= last:
+            stop = min(last + 1, (grain // block + 1) * block)
+            entries = self._entries(grain, stop)
+            if entries.any():
+                yield from self._table_runs(grain, entries, start, end)
+            else:
+                yield self._run(grain, stop - grain, Kind.UNALLOCATED, 0, start, end)
+            grain = stop
+
+    def _entries(self, lo: int, hi: int) -> np.ndarray:
+        """Grain table entries of grains [lo, hi), across tables."""
+        parts = []
+        for index in range(lo // self.gtes, (hi - 1) // self.gtes + 1):
             base = index * self.gtes
-            lo, hi = max(first, base), min(last + 1, base + self.gtes)
-            entries = self.tables.get(index)[lo - base:hi - base]
-            yield from self._table_runs(lo, entries, start, end)
+            parts.append(self.tables.get(index)[max(lo, base) - base:min(hi, base + self.gtes) - base])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _table_runs(self, first_grain: int, entries: np.ndarray, start: int, end: int):
         """Runs of one table slice: same kind and, for plain data, contiguous on the host."""
