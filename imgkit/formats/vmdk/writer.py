@@ -208,8 +208,15 @@ class MonolithicSparseWriter(_GrainWriter):
 
 
 class StreamOptimizedWriter(_GrainWriter):
-    """Version 3, flags 0x30001, GD_AT_END: grains behind LBA markers, each grain table behind a
-    GT marker right after the grains it covers, then GD marker + GD, footer marker + footer, EOS."""
+    """Version 3, GD_AT_END: grains behind LBA markers, each grain table behind a GT marker right
+    after the grains it covers, then GD marker + GD, footer marker + footer, EOS (the VMware
+    specification's layout; qemu-img 7.2 writes no markers, footer or EOS).
+
+    Flags 0x30001 (newline check, compressed, markers) without bit 1: a stream has one grain
+    directory, written once at the end; VMware's own writer (open-vmdk) sets the same flags,
+    and qemu reads the redundant directory only when bit 1 is set.
+    Tables follow their grains rather than all coming at the end, so only one table is ever
+    held in memory, whatever the disk size."""
 
     create_type = "streamOptimized"
 
