@@ -110,7 +110,7 @@ class VmdkReader(Reader):
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _table_runs(self, first_grain: int, entries: np.ndarray, start: int, end: int):
-        """Runs of one table slice: same kind and, for plain data, contiguous on the host."""
+        """Runs of grain table entries: same kind and, for plain data, contiguous on the host."""
         kinds = np.where(entries == GTE_UNALLOCATED, Kind.UNALLOCATED,
                          np.where(entries == GTE_ZEROED, Kind.ZERO, Kind.DATA)).astype(np.int8)
         breaks = kinds[1:] != kinds[:-1]
