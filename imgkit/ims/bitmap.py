@@ -25,6 +25,7 @@ from .rules import BITMAP_EXTENSION, DEFAULT_GRANULARITY
 MIN_GRANULARITY = 512
 MAX_GRANULARITY = 1 << 30
 MAX_BLOCKS = 1 << 28        # 32 MiB of bitmap, 256 MiB of mask in memory while it is built
+MAPPED_WINDOW = 64 << 20    # bytes mapped at once per thread when a RAW file is scanned in place
 
 
 def default_bitmap_path(image_path: str | os.PathLike) -> str:
@@ -79,29 +80,17 @@ def is_identity(reader) -> bool:
 
 
 def mapped_mask(reader, granularity: int, threads: int | None = None, progress=None) -> np.ndarray:
-    """The mask of an identity-mapped file, scanned through mmap (MAP_PRIVATE: never written).
+    """The mask of an identity-mapped file, each data window scanned through its own private
+    mapping (MAP_PRIVATE, never written; one window at a time keeps the commit charge small).
 
     A file truncated by someone else while it is scanned raises SIGBUS; imgkit does not guard
     against concurrent modification of its input."""
     mask = np.zeros(block_count(reader.virtual_size, granularity), dtype=np.bool_)
-    mapping = mmap.mmap(reader.image.fd, reader.virtual_size, flags=mmap.MAP_PRIVATE,
-                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    try:
-        if hasattr(mapping, "madvise"):
-            mapping.madvise(mmap.MADV_SEQUENTIAL)
-        _scan_mapping(mapping, reader, granularity, mask, threads, progress)
-    finally:
-        with contextlib.suppress(BufferError):   # a traceback may still hold a view; GC unmaps it
-            mapping.close()
-    return mask
-
-
-def _scan_mapping(mapping, reader, granularity: int, mask: np.ndarray, threads, progress) -> None:
-    disk = np.frombuffer(mapping, dtype=np.uint8)
-    size = max(engine.WINDOW, granularity)
+    size = max(MAPPED_WINDOW, granularity)
+    fd = reader.image.fd
 
     def work(win):
-        return win, list(_scan_ranges(disk, win.data, granularity))
+        return win, _scan_window(fd, win, granularity)
 
     done = 0
     wins = engine.windows(reader.extents(), reader.virtual_size, size)
@@ -113,19 +102,34 @@ def _scan_mapping(mapping, reader, granularity: int, mask: np.ndarray, threads, 
             done = win.offset + win.length
     if progress and done < reader.virtual_size:
         progress(reader.virtual_size - done)
+    return mask
 
 
-def _scan_ranges(disk: np.ndarray, ranges, granularity: int):
-    """(first block, block mask) for each data range; a range starting inside a block
-    contributes that block from its own bytes only (the rest of the block is a hole)."""
+def _scan_window(fd: int, win, granularity: int) -> list:
+    mapping = mmap.mmap(fd, win.length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                        offset=win.offset)
+    try:
+        view = np.frombuffer(mapping, dtype=np.uint8)
+        parts = list(_scan_ranges(view, [(off - win.offset, n) for off, n in win.data], granularity,
+                                  win.offset // granularity))
+        del view
+        return parts
+    finally:
+        with contextlib.suppress(BufferError):   # a traceback may still hold a view; GC unmaps it
+            mapping.close()
+
+
+def _scan_ranges(window: np.ndarray, ranges, granularity: int, base_block: int):
+    """(first block, block mask) for each data range of a block-aligned window; a range starting
+    inside a block contributes that block from its own bytes only (the rest is a hole)."""
     for off, length in ranges:
         pos, end = off, off + length
         if pos % granularity:
             stop = min(end, pos - pos % granularity + granularity)
-            yield pos // granularity, native.nonzero_blocks(disk[pos:stop], stop - pos)
+            yield base_block + pos // granularity, native.nonzero_blocks(window[pos:stop], stop - pos)
             pos = stop
         if pos < end:
-            yield pos // granularity, native.nonzero_blocks(disk[pos:end], granularity)
+            yield base_block + pos // granularity, native.nonzero_blocks(window[pos:end], granularity)
 
 
 def write_bitmap(reader, dst: str, granularity: int = DEFAULT_GRANULARITY, force: bool = False,
