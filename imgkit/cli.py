@@ -4,6 +4,7 @@ numba and the format drivers load only inside commands, so `imgkit --help` stays
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -522,6 +523,8 @@ def main(argv=None) -> None:
         code = 130
     except BrokenPipeError:
         code = 141
+    except OSError as exc:
+        code = _os_error_exit(exc, debug)
     except Exception as exc:   # a bug: say so in one line, traceback only with --debug
         if debug:
             traceback.print_exc()
@@ -529,6 +532,29 @@ def main(argv=None) -> None:
                    err=True)
         code = INTERNAL_ERROR_EXIT
     finally:
-        remove_live_temps()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _cleanup_ignoring_signals(remove_live_temps)
     sys.exit(code)
+
+
+def _os_error_exit(exc: OSError, debug: bool) -> int:
+    """An OSError no layer turned into an ImgkitError: a full disk is still exit 74, anything else a bug."""
+    if debug:
+        traceback.print_exc()
+    where = f"{exc.filename}: " if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        click.echo(f"imgkit: {where}{exc.strerror}; nothing was left behind", err=True)
+        return 74
+    click.echo(f"imgkit: internal error: {type(exc).__name__}: {where}{exc.strerror or exc} "
+               f"(run with --debug for details)", err=True)
+    return INTERNAL_ERROR_EXIT
+
+
+def _cleanup_ignoring_signals(cleanup) -> None:
+    """Remove temp files with Ctrl-C and SIGTERM ignored, so a second signal cannot leave one behind."""
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        cleanup()
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -425,3 +425,21 @@ def test_verify_catches_a_corrupted_write_and_removes_the_output(tmp_path, monke
     assert state["corrupted"]
     assert "verification failed" in str(err.value)
     assert_nothing_left(tmp_path, dst)
+
+
+@pytest.mark.parametrize("errno_name,code,words", [("ENOSPC", 74, "No space left"), ("EFBIG", 74, "too large"),
+                                                  ("EIO", 70, "internal error")])
+def test_stray_os_errors_are_one_line(tmp_path, errno_name, code, words):
+    """An OSError that no layer wrapped: disk full is still 74, anything else an internal error (70)."""
+    script = (
+        "import errno, os\n"
+        "from imgkit import api\n"
+        "def info(*args, **kwargs):\n"
+        f"    raise OSError(errno.{errno_name}, os.strerror(errno.{errno_name}), 'somefile')\n"
+        "api.info = info\n"
+        "from imgkit.cli import main\n"
+        "main(['info', 'whatever'])\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == code, res.stderr
+    line = one_line(res.stderr)
+    assert words.lower() in line.lower() and "somefile" in line
