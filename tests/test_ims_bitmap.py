@@ -6,6 +6,7 @@ import os
 import threading
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -73,6 +74,24 @@ def streamed_bitmap(reader, dst, granularity: int) -> tuple[np.ndarray, str]:
         engine.copy(reader, writer)
         writer.finish()
     return stream.mask, writer.hexdigest()
+
+
+@pytest.mark.parametrize("granularity", [512, MiB, 2 * MiB, 128 * MiB])
+def test_data_across_mapped_windows(tmp_path, granularity):
+    """RAW is scanned 64 MiB at a time: runs that straddle those windows, and blocks bigger than them."""
+    size = 200 * MiB + 123
+    window = mf.MAPPED_WINDOW
+    runs = [(window - 3, b"\x01" * 7), (2 * window - 1, b"\x02"), (2 * window + 4096, bytes(8192)),
+            (3 * window - 512, b"\x03" * 1024), (size - 1, b"\x04")]
+    path = tmp_path / "wide.raw"
+    write_sparse(path, size, runs)
+    expected = np.zeros(mf.block_count(size, granularity), dtype=np.bool_)
+    for offset, chunk in runs:
+        if any(chunk):
+            expected[offset // granularity:(offset + len(chunk) - 1) // granularity + 1] = True
+    with api.open_image(path) as reader:
+        assert mf.compute_mask(reader, granularity).tolist() == expected.tolist()
+        assert engine.block_mask(reader, granularity).tolist() == expected.tolist()
 
 
 def test_layout_is_lsb_first_without_header(tmp_path):
