@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import queue
 import re
@@ -24,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from .. import __version__, api, engine
-from ..errors import ImgkitError, OutputError, UnsupportedFormat, UsageError
+from ..errors import INTERNAL_ERROR_EXIT, ImgkitError, OutputError, UnsupportedFormat, UsageError
 from ..formats import get_format, load_driver
 from ..formats.base import Writer
 from ..io import AtomicOutput, ImageFile, forget_temp, register_temp
@@ -138,6 +139,8 @@ def check_options(opts: Options) -> None:
     parent = os.path.dirname(os.path.abspath(opts.out_dir))
     if not os.path.isdir(parent):
         raise OutputError(f"{opts.out_dir}: its folder {parent} does not exist")
+    if os.path.exists(opts.out_dir) and not os.path.isdir(opts.out_dir):
+        raise OutputError(f"{opts.out_dir}: exists and is not a folder")
 
 
 def candidate_paths(opts: Options) -> list[rules.ImportPath]:
@@ -354,8 +357,7 @@ def prepare_one(job: Job, opts: Options) -> Outcome:
     """Build job.folder through job.tmp; nothing is left behind on failure or interrupt."""
     register_temp(job.tmp)
     try:
-        os.makedirs(opts.out_dir, exist_ok=True)
-        os.mkdir(job.tmp)
+        make_folder(opts.out_dir, job.tmp)
         outcome = build(job, opts)
         publish(job.tmp, job.folder, opts.force)
         return outcome
@@ -364,6 +366,14 @@ def prepare_one(job: Job, opts: Options) -> Outcome:
         raise
     finally:
         forget_temp(job.tmp)
+
+
+def make_folder(out_dir: str, tmp: str) -> None:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        os.mkdir(tmp)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot create the image folder ({exc.strerror})") from None
 
 
 def build(job: Job, opts: Options) -> Outcome:
@@ -561,15 +571,15 @@ def write_bytes(folder: str, name: str, data: bytes) -> None:
 def publish(tmp: str, folder: str, force: bool) -> None:
     """Rename the finished temp folder into place (replacing an old one only with --force)."""
     old = None
-    if os.path.lexists(folder):
-        if not force:
-            raise OutputError(f"{folder}: appeared while preparing; not replaced (use --force)")
-        old = f"{tmp}.old"
-        os.rename(folder, old)
     try:
+        if os.path.lexists(folder):
+            if not force:
+                raise OutputError(f"{folder}: appeared while preparing; not replaced (use --force)")
+            old = f"{tmp}.old"
+            os.rename(folder, old)
         os.rename(tmp, folder)
     except OSError as exc:
-        if old:
+        if old and not os.path.lexists(folder):
             os.rename(old, folder)
         raise OutputError(f"{folder}: cannot move the prepared folder into place ({exc.strerror})") from None
     if old:
@@ -612,16 +622,17 @@ def run_job(job: Job, opts: Options) -> Outcome:
 def prepare(sources: list[str], opts: Options, jobs: int = 1) -> list[Outcome]:
     """Every source into its folder; with jobs > 1, that many images at once in processes."""
     planned = plan(sources, opts)
-    if jobs <= 1 or len(planned) == 1:
-        return [prepare_one(planned[0], opts)] if len(planned) == 1 else [run_job(j, opts) for j in planned]
+    if len(planned) == 1:
+        return [prepare_one(planned[0], opts)]
+    if jobs <= 1:
+        return [run_job(job, opts) for job in planned]
     per_image = replace(opts, threads=opts.threads or max(1, engine.default_threads() // jobs))
     for job in planned:
-        register_temp(job.tmp)
-    import multiprocessing
+        register_temp(job.tmp)   # a worker killed outright cannot clean up: the CLI's last resort does
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
             futures = [pool.submit(run_job, job, per_image) for job in planned]
-            return [f.result() for f in futures]
+            return [collect(future, job) for future, job in zip(futures, planned)]
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -629,3 +640,13 @@ def prepare(sources: list[str], opts: Options, jobs: int = 1) -> list[Outcome]:
             for job in planned:
                 if not os.path.isdir(job.tmp):
                     forget_temp(job.tmp)
+
+
+def collect(future, job: Job) -> Outcome:
+    """A worker's outcome; a worker that crashed fails its image, not the batch."""
+    try:
+        return future.result()
+    except Exception as exc:
+        shutil.rmtree(job.tmp, ignore_errors=True)
+        return Outcome(job.src, job.name, False, error=f"internal error: {type(exc).__name__}: {exc}",
+                       exit_code=INTERNAL_ERROR_EXIT)
