@@ -6,7 +6,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -256,3 +259,25 @@ def test_batch_in_parallel_goes_on_past_a_failed_image(tmp_path):
     assert sum(line.startswith("fleet-") and " ok " in line for line in table) == 2
     tasks = {json.loads(line)["task"] for line in result.stderr.splitlines() if line.startswith("{")}
     assert {"fleet-alpha", "fleet-beta"} <= tasks
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_prepare_leaves_nothing(tmp_path, sig, code):
+    """A real imgkit process, signalled once its temp folder exists (64 GiB sparse: it is still hashing)."""
+    src = mbr_disk(tmp_path / "big.raw", size=64 * GiB)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "imgkit", "prepare", str(src), "--out", str(out),
+                             "--os-version", OS, "--method", "quick", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.poll() is None and not leftovers(out):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, stderr
+    assert "nothing was left behind" in stderr
+    assert os.listdir(out) == []
