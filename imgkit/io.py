@@ -16,7 +16,9 @@ class ImageFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below anyway).
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+                         | getattr(os, "O_NOCTTY", 0))
         except FileNotFoundError:
             raise InputError(f"{self.path}: no such file") from None
         except IsADirectoryError:
@@ -45,6 +47,8 @@ class ImageFile:
         """Read up to length bytes; short only at end of file."""
         if length < 0 or offset < 0:
             raise InvalidImage(f"{self.path}: negative read ({length} bytes at {offset})")
+        # Never ask for more than the file holds: os.pread allocates `length` bytes up front.
+        length = min(length, max(self.size - offset, 0))
         try:
             return os.pread(self.fd, length, offset)
         except OSError as exc:

@@ -646,3 +646,36 @@ def test_fresh_process_measurement_agrees(tmp_path, bases, name):
     """The same property, measured the plain way: a fresh wrapper process per command."""
     case_, = [c for c in CASES if c.name == name]
     run_case(case_, bases, tmp_path, measured)
+
+
+# ---- inputs that are not image files ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "char device", "symlink loop", "missing"])
+def test_non_files_are_refused_at_once(tmp_path, kind):
+    """A FIFO must not block waiting for a writer; devices and loops get one line and exit 66."""
+    path = tmp_path / "input"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "char device":
+        path = Path("/dev/zero")
+    elif kind == "symlink loop":
+        path.symlink_to(path)
+    for command in (["info", path], ["convert", "-O", "raw", path, tmp_path / "out.raw"]):
+        done = subprocess.run([sys.executable, "-m", "imgkit", *map(str, command)], capture_output=True,
+                              text=True, timeout=HANG_GUARD_S)
+        assert done.returncode == 66, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not (tmp_path / "out.raw").exists()
+
+
+def test_pread_never_allocates_more_than_the_file(tmp_path):
+    from imgkit.io import ImageFile
+    path = tmp_path / "small"
+    path.write_bytes(b"x" * 1000)
+    with ImageFile(path) as image:
+        assert image.pread(1 << 62, 10) == b"x" * 990
+        assert image.pread(U64, 0) == b"x" * 1000
+        assert image.pread(10, 1 << 62) == b""
