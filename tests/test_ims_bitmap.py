@@ -198,3 +198,14 @@ def test_cli_refuses_bad_granularity_and_stray_bitmap_argument(tmp_path):
     assert run_cli("bitmap", "--granularity", "256", path).returncode == 64
     assert run_cli("bitmap", path, tmp_path / "x.mf").returncode == 64
     assert not os.path.exists(tmp_path / "disk.mf")
+
+
+def test_padding_bits_must_be_zero(tmp_path):
+    path = tmp_path / "disk.raw"
+    write_sparse(path, 5 * 2 * MiB, [(0, b"x")])            # 5 blocks: bits 5-7 of the byte are padding
+    (tmp_path / "good.mf").write_bytes(b"\x01")
+    (tmp_path / "bad.mf").write_bytes(b"\x81")
+    with api.open_image(path) as reader:
+        assert mf.verify_bitmap(reader, str(tmp_path / "good.mf")).matches
+        verdict = mf.verify_bitmap(reader, str(tmp_path / "bad.mf"))
+    assert not verdict.matches and verdict.block == 7 and "padding" in verdict.message

@@ -54,7 +54,7 @@ def pack(mask: np.ndarray) -> bytes:
     return native.pack_bits(mask).tobytes()
 
 
-def unpack(data: bytes, nblocks: int) -> np.ndarray:
+def unpack(data: bytes) -> np.ndarray:
     """All bits of a bitmap file as bools (padding bits of the last byte included)."""
     return np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little").astype(np.bool_)
 
@@ -182,7 +182,7 @@ def compare(expected: np.ndarray, data: bytes, granularity: int) -> Verdict:
     nblocks = len(expected)
     if len(data) != (nblocks + 7) // 8:
         return Verdict(False, f"the bitmap is {len(data)} bytes, {(nblocks + 7) // 8} expected")
-    bits = unpack(data, nblocks)
+    bits = unpack(data)
     if bits[nblocks:].any():
         block = nblocks + int(np.flatnonzero(bits[nblocks:])[0])
         return Verdict(False, f"padding bit {block} (past the last of {nblocks} blocks) is set",
