@@ -19,11 +19,9 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable

@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import lzma
-import os
 import random
 import struct
 import tarfile
