@@ -32,7 +32,7 @@ from ..io import AtomicOutput, ImageFile, forget_temp, register_temp
 from . import bitmap as mf
 from . import rules
 from .validate import (ERROR, Finding, Request, check_consistency, check_disk, check_file, check_min_disk,
-                       check_request, error, parse_image_tag, smallest_min_disk)
+                       check_min_disk_range, check_request, error, parse_image_tag, smallest_min_disk)
 
 HASH_CHUNK = 4 << 20
 ZEROS = bytes(HASH_CHUNK)
@@ -509,20 +509,26 @@ def request_body(req: Request, path: rules.ImportPath, url: str, min_disk: int |
     return body
 
 
-def metadata_body(req: Request, image_format: str, url: str, virtual_size: int, uefi: bool) -> dict:
-    """6.1.6 POST /v2/images, then 5.1.7 PUT /v1/cloudimages/{image_id}/upload: the registration path."""
+def metadata_body(req: Request, image: dict, url: str, uefi: bool) -> dict:
+    """6.1.6 POST /v2/images, then 5.1.7 PUT /v1/cloudimages/{image_id}/upload: the registration path,
+    with notes when this file breaks one of that path's rules."""
     register = rules.path_for("register", "system")
-    create = {"__os_version": req.os_version, "container_format": "bare", "disk_format": image_format,
-              "min_disk": min_disk_for(register, req, virtual_size), "min_ram": 0, "name": req.name,
+    given = req.min_disk if req.min_disk is not None and not check_min_disk_range(req.min_disk, register) else None
+    found, facts = check_file(register, image["format"], image["size"], image["virtual-size"], given)
+    create = {"__os_version": req.os_version, "container_format": "bare", "disk_format": image["format"],
+              "min_disk": facts["min-disk"], "min_ram": 0, "name": req.name,
               "tags": list(req.tags) + [".".join(parse_image_tag(t)) for t in req.image_tags],
               "visibility": "private", "protected": False}
-    if image_format not in rules.DISK_FORMAT_VALUES:
+    if image["format"] not in rules.DISK_FORMAT_VALUES:
         del create["disk_format"]
     if uefi:
         create["hw_firmware_type"] = "uefi"
-    return {"create": {"request": "POST /v2/images", "section": "6.1.6",
-                       "body": create},
+    body = {"create": {"request": "POST /v2/images", "section": "6.1.6", "body": create},
             "register": {"request": f"PUT {register.uri}", "section": "5.1.7", "body": {"image_url": url}}}
+    notes = [f"{f.severity} {f.code}: {f.message} ({f.fix})" for f in found]
+    if notes:
+        body["notes"] = notes
+    return body
 
 
 def write_folder(job: Job, opts: Options, req: Request, choice: Choice, image_name: str, produced: dict,
@@ -539,7 +545,7 @@ def write_folder(job: Job, opts: Options, req: Request, choice: Choice, image_na
                       "sha256": produced["bitmap"]["sha256"]})
     files.append(write_json(job.tmp, "request.json", request_body(req, path, url, min_disk)))
     files.append(write_json(job.tmp, "metadata.json",
-                            metadata_body(req, choice.out_format, url, vsize, uefi)))
+                            metadata_body(req, produced["image"], url, uefi)))
     manifest = {
         "imgkit-version": __version__, "name": req.name,
         "method": {"path": path.title, "method": path.method, "disk": path.disk, "reason": choice.reason},
