@@ -281,3 +281,16 @@ def test_signal_during_prepare_leaves_nothing(tmp_path, sig, code):
     assert proc.returncode == code, stderr
     assert "nothing was left behind" in stderr
     assert os.listdir(out) == []
+
+
+def test_metadata_judges_the_registration_path_on_its_own_rules():
+    req = Request(os_version=OS, name="big", min_disk=300)
+    image = {"format": "raw", "size": 300 * GiB, "virtual-size": 300 * GiB}
+    meta = ims_prepare.metadata_body(req, image, "b:big.raw", uefi=True)
+    body = meta["create"]["body"]
+    assert body["min_disk"] is None and body["hw_firmware_type"] == "uefi" and body["disk_format"] == "raw"
+    assert any("IMG.0059" in n for n in meta["notes"]) and any("IMG.0111" in n for n in meta["notes"])
+    small = ims_prepare.metadata_body(Request(os_version=OS, name="s", min_disk=1),
+                                      {"format": "qcow2", "size": MiB, "virtual-size": 3 * GiB}, "b:s", False)
+    assert small["create"]["body"]["min_disk"] == 40 and "notes" not in small
+    assert small["register"]["body"] == {"image_url": "b:s"}
