@@ -209,3 +209,25 @@ def test_padding_bits_must_be_zero(tmp_path):
         assert mf.verify_bitmap(reader, str(tmp_path / "good.mf")).matches
         verdict = mf.verify_bitmap(reader, str(tmp_path / "bad.mf"))
     assert not verdict.matches and verdict.block == 7 and "padding" in verdict.message
+
+
+@pytest.mark.parametrize("fmt,qemu_fmt", [("qcow2", "qcow2"), ("vhd", "vpc"), ("vmdk", "vmdk")])
+def test_bitmap_of_other_formats_matches_their_raw(tmp_path, qemu_img, fmt, qemu_fmt):
+    from imgkit.errors import UnsupportedFormat
+    from imgkit.formats import load_driver
+    try:
+        load_driver(fmt)
+    except UnsupportedFormat:
+        pytest.skip(f"the {fmt} driver is not in this build yet")
+    from conftest import qemu
+    size = 24 * MiB
+    runs = [(0, b"\x01"), (5 * MiB + 7, b"\x02" * 3000), (12 * MiB, bytes(MiB)), (size - 4096, b"\x03" * 4096)]
+    raw_path = tmp_path / "disk.raw"
+    write_sparse(raw_path, size, runs)
+    image = tmp_path / f"disk.{fmt}"
+    qemu("convert", "-f", "raw", "-O", qemu_fmt, str(raw_path), str(image))
+    with api.open_image(image) as reader:
+        assert not mf.is_identity(reader)
+        got = mf.pack(mf.compute_mask(reader, MiB))
+        virtual_size = reader.virtual_size          # VHD rounds the size up to its geometry
+    assert got == python_bitmap(image_bytes(virtual_size, runs), MiB)
