@@ -237,6 +237,13 @@ def test_iso_file_needs_os_version(tmp_path):
     assert report.ok and codes(report) == ["IMGKIT.UNREADABLE"]
 
 
+def test_ambiguous_file_is_unsafe(tmp_path):
+    poly = tmp_path / "poly.img"
+    write_sparse(poly, MiB, [(0, b"QFI\xfb\x00\x00\x00\x03"), (0x8001, b"CD001")])
+    report = validate(str(poly), Request(os_version=OS))
+    assert codes(report) == ["IMGKIT.UNSAFE"] and not report.ok
+
+
 def test_backing_file_is_refused(tmp_path, qemu_img):
     base = mbr_disk(tmp_path / "base.raw")
     qemu("create", "-f", "qcow2", "-F", "raw", "-b", str(base), str(tmp_path / "top.qcow2"))

@@ -428,6 +428,9 @@ def validate(image_path: str, req: Request, fmt: str | None = None, threads=None
     except UnsupportedFormat as exc:
         report.findings += _unreadable(image_path, req, path, exc)
         return report
+    except UnsafeImage as exc:
+        report.findings.append(error("IMGKIT.UNSAFE", exc.message, "say which format it is with -f"))
+        return report
     except ImgkitError as exc:
         report.findings.append(error("IMG.0057", exc.message, "give a valid, complete image file"))
         return report
