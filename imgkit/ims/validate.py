@@ -205,7 +205,8 @@ def check_os(req: Request, path: ImportPath) -> list[Finding]:
                                  "Linux and ECS creation may fail", "pass --os-version"))
     elif req.os_version not in rules.ALL_OS_VERSIONS:
         near = suggest_os_versions(req.os_version)
-        hint = f"did you mean: {'; '.join(near)}?" if near else "see table 9-1 (imgkit validate --help)"
+        hint = (f"did you mean: {'; '.join(near)}?" if near
+                else "use a value of table 9-1 (listed in imgkit/ims/rules.py)")
         found.append(error("IMGKIT.OS_VERSION", f"os_version {req.os_version!r} is not in table 9-1", hint))
     allowed = rules.DATA_OS_TYPES if path.disk == "data" else rules.OS_TYPES
     if req.os_type is not None and req.os_type not in allowed:
