@@ -138,12 +138,12 @@ def write_bitmap(reader, dst: str, granularity: int = DEFAULT_GRANULARITY, force
     check_granularity(granularity, reader.virtual_size)
     check_destination(dst, force, [reader.image.path])
     mask = compute_mask(reader, granularity, threads, progress)
-    save(mask, dst, force, [reader.image.path])
+    save(pack(mask), dst, force, [reader.image.path])
     return describe(mask, granularity, dst)
 
 
-def save(mask: np.ndarray, dst: str, force: bool = False, sources=()) -> None:
-    data = pack(mask)
+def save(data: bytes, dst: str, force: bool = False, sources=()) -> None:
+    """Write packed bitmap bytes atomically."""
     with AtomicOutput(dst, force, sources) as out:
         out.pwrite(data, 0)
         out.truncate(len(data))

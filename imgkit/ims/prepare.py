@@ -454,8 +454,8 @@ def convert(reader, src: str, image_path: str, choice: Choice, req: Request, opt
 
 def write_bitmap_file(stream_bitmap: mf.StreamingBitmap, image_path: str, granularity: int) -> dict:
     path = mf.default_bitmap_path(image_path)
-    mf.save(stream_bitmap.mask, path)
     data = mf.pack(stream_bitmap.mask)
+    mf.save(data, path)
     info = mf.describe(stream_bitmap.mask, granularity, os.path.basename(path))
     return {"file": info["bitmap"], "granularity": granularity, "blocks": info["blocks"],
             "data-blocks": info["data-blocks"], "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
