@@ -63,15 +63,12 @@ def measured(args: list[str], timeout: float = HANG_GUARD_S) -> dict:
 
 # A fork server: one process that has imported imgkit forks a child per command and reaps it with
 # wait4(), whose rusage is that child's alone. Same numbers as the wrapper above (plus the
-# shared pages the child inherits), without paying interpreter and numpy start-up 800 times.
-# The "warm" server has also loaded the numba kernels, which a real convert loads anyway: its
-# children (convert) skip that second of start-up, and their RSS still counts the kernels.
+# anonymous pages the child inherits), without paying interpreter and numpy start-up 900 times.
+# Anything a command loads itself (drivers, numba for huge jobs) is counted in full, and
+# test_fresh_process_measurement_agrees repeats a few cases the plain way.
 FORK_SERVER = r"""
 import json, os, select, signal, sys, time
 import imgkit.api, imgkit.cli, imgkit.engine
-if sys.argv[1:] == ["warm"]:
-    import imgkit.native
-    imgkit.native.nonzero_blocks(bytearray(4096), 512)
 for line in sys.stdin:
     request = json.loads(line)
     err_r, err_w = os.pipe()
@@ -121,8 +118,8 @@ for line in sys.stdin:
 
 
 class ForkServer:
-    def __init__(self, *flags: str):
-        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER, *flags], stdin=subprocess.PIPE,
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
 
     def run(self, args: list, timeout: float = HANG_GUARD_S) -> dict:
@@ -140,11 +137,9 @@ class ForkServer:
 
 @pytest.fixture(scope="module")
 def runner():
-    """run(args): convert goes to the warm server, everything else to the light one."""
-    light, warm = ForkServer(), ForkServer("warm")
-    yield lambda args: (warm if args[0] == "convert" else light).run(args)
-    light.close()
-    warm.close()
+    server = ForkServer()
+    yield server.run
+    server.close()
 
 
 # ---- base images (real, from qemu-img) ------------------------------------------------------
