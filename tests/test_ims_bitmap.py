@@ -231,3 +231,15 @@ def test_bitmap_of_other_formats_matches_their_raw(tmp_path, qemu_img, fmt, qemu
         got = mf.pack(mf.compute_mask(reader, MiB))
         virtual_size = reader.virtual_size          # VHD rounds the size up to its geometry
     assert got == python_bitmap(image_bytes(virtual_size, runs), MiB)
+
+
+def test_falls_back_to_the_engine_when_mmap_fails(tmp_path, monkeypatch):
+    path = tmp_path / "disk.raw"
+    write_sparse(path, 6 * MiB, [(5 * MiB, b"z")])
+
+    def no_mmap(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(mf.mmap, "mmap", no_mmap)
+    with api.open_image(path) as reader:
+        assert mf.pack(mf.compute_mask(reader)) == b"\x04"

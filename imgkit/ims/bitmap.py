@@ -67,7 +67,10 @@ def compute_mask(reader, granularity: int = DEFAULT_GRANULARITY, threads: int | 
     engine.block_mask. Either way only DATA extents are looked at."""
     check_granularity(granularity, reader.virtual_size)
     if is_identity(reader) and not reader.image.is_block_device and reader.virtual_size:
-        return mapped_mask(reader, granularity, threads, progress)
+        try:
+            return mapped_mask(reader, granularity, threads, progress)
+        except OSError:   # a file system without mmap support: read it like any other image
+            pass
     return engine.block_mask(reader, granularity, threads, progress)
 
 
