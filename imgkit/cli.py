@@ -306,12 +306,14 @@ def measure(src_format, out_format, options, size, output, src):
 @click.option("-o", "out", metavar="OUT", help="Bitmap file (default: IMAGE with its extension replaced by .mf).")
 @click.option("--force", is_flag=True, help="Replace an existing bitmap file.")
 @click.option("--verify", is_flag=True, help="Compare IMAGE with an existing BITMAP instead of writing one.")
+@click.option("--force-format", is_flag=True, help="Read as -f says even if another format's magic is present.")
 @output_option
 @threads_option
 @with_progress
 @click.argument("image")
 @click.argument("bitmap", required=False)
-def bitmap(fmt, granularity, out, force, verify, output, threads, progress_flag, quiet, progress, image, bitmap):
+def bitmap(fmt, granularity, out, force, verify, force_format, output, threads, progress_flag, quiet, progress,
+           image, bitmap):
     """Write the .mf bitmap of IMAGE for a RAW quick import (one bit per block holding data).
 
     With --verify, recompute it and compare with BITMAP: exit 0 when it matches, 1 at the first
@@ -325,7 +327,7 @@ def bitmap(fmt, granularity, out, force, verify, output, threads, progress_flag,
         raise UsageError("a BITMAP argument is only taken with --verify (use -o to name the output)")
     gran = parse_size(granularity)
     with api.open_image(image, fmt) as reader:
-        api.ensure_readable(reader, force_format=bool(fmt))
+        api.ensure_readable(reader, force_format=force_format)
         mf.check_granularity(gran, reader.virtual_size)
         bar = make_progress(_progress_mode(progress_flag, quiet, progress), reader.virtual_size, "bitmap")
         try:
@@ -440,10 +442,11 @@ def _echo_report(report) -> None:
 @threads_option
 @with_progress
 @click.option("--force", is_flag=True, help="Replace existing image folders.")
+@click.option("--force-format", is_flag=True, help="Read as -f says even if another format's magic is present.")
 @output_option
 def prepare(sources, out_dir, os_version, method, disk, out_format, min_disk, name, description, tags, image_tags,
             os_type, architecture, firmware, bucket, granularity, src_format, jobs, threads, progress_flag, quiet,
-            progress, force, output):
+            progress, force, force_format, output):
     """Turn each SRC into a folder ready for IMS: image, bitmap, request.json, metadata.json,
     manifest.json and SHA256SUMS, built atomically under DIR.
 
@@ -461,7 +464,7 @@ def prepare(sources, out_dir, os_version, method, disk, out_format, min_disk, na
                   firmware=firmware, granularity=parse_size(granularity))
     mode = _progress_mode(progress_flag, quiet, progress)
     opts = ims_prepare.Options(out_dir, req, method, out_format, src_format, bucket, force, threads,
-                               mode if mode in ("bar", "json") else None)
+                               mode if mode in ("bar", "json") else None, force_format)
     outcomes = ims_prepare.prepare(list(sources), opts, jobs)
     if output == "json":
         _emit_json([o.to_json() for o in outcomes])

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,15 @@ def test_metadata_judges_the_registration_path_on_its_own_rules():
                                       {"format": "qcow2", "size": MiB, "virtual-size": 3 * GiB}, "b:s", False)
     assert small["create"]["body"]["min_disk"] == 40 and "notes" not in small
     assert small["register"]["body"] == {"image_url": "b:s"}
+
+
+def test_forced_raw_reading_of_another_format_needs_force_format(tmp_path, qemu_img):
+    from imgkit.errors import UnsafeImage
+    src = tmp_path / "disguised.img"
+    qemu("create", "-f", "qcow2", str(src), "16M")
+    opts = Options(str(tmp_path / "out"), Request(disk="data"), method="quick", src_format="raw")
+    with pytest.raises(UnsafeImage, match="QCOW2"):
+        prepare([str(src)], opts)
+    assert leftovers(tmp_path / "out") == []
+    [outcome] = prepare([str(src)], replace(opts, force_format=True))
+    assert outcome.ok and (tmp_path / "out" / "disguised" / "disguised.raw").read_bytes() == src.read_bytes()

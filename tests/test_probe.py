@@ -418,9 +418,6 @@ def test_raw_without_any_magic_has_no_warning(tmp_path):
     assert res.returncode == 0 and res.stderr == ""
 
 
-@pytest.mark.xfail(strict=True, reason="prepare passes force_format=bool(-f) to ensure_readable "
-                   "(imgkit/ims/prepare.py), so -f raw alone reads a disguised qcow2 as raw; issue 7 asks "
-                   "for a refusal unless --force-format. Remove this mark when prepare refuses.")
 def test_raw_prepare_of_a_qcow2_is_refused(tmp_path, disguised_qcow2):
     out = tmp_path / "ims"
     res = run_cli("prepare", "-f", "raw", "--disk", "data", "--out", out, disguised_qcow2)

@@ -60,6 +60,7 @@ class Options:
     force: bool = False
     threads: int | None = None
     progress: str | None = None     # None, "bar" or "json"
+    force_format: bool = False      # read as -f says even if another format's magic is present
 
 
 @dataclass
@@ -379,7 +380,7 @@ def make_folder(out_dir: str, tmp: str) -> None:
 def build(job: Job, opts: Options) -> Outcome:
     req = replace(opts.request, name=job.name)
     with api.open_image(job.src, opts.src_format) as reader:
-        api.ensure_readable(reader, force_format=bool(opts.src_format))
+        api.ensure_readable(reader, force_format=opts.force_format)
         before, disk_facts = source_findings(reader, job.src, request_for(req, candidate_paths(opts)[0]))
         fail_on_errors(job.src, before)
         choice = choose(reader, job.src, req, opts)

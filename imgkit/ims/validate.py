@@ -440,7 +440,7 @@ def validate(image_path: str, req: Request, fmt: str | None = None, threads=None
         report.findings += found
         report.facts.update(facts)
         try:
-            api.ensure_readable(reader, force_format=bool(fmt))
+            api.ensure_readable(reader)
         except UnsafeImage as exc:
             report.findings.append(error("IMGKIT.UNSAFE", exc.message, "convert it to a standalone image first "
                                                                        "(qemu-img convert flattens backing files)"))
