@@ -12,7 +12,7 @@ from ... import limits
 from ...errors import InvalidImage, LimitExceeded, UnsafeImage, UnsupportedFormat
 from ...io import ImageFile
 from . import descriptor as desc_mod
-from .layout import (COMPRESS_DEFLATE, COMPRESS_NONE, COWD_MAGIC, FLAG_COMPRESSED, FLAG_MARKERS,
+from .layout import (COMPRESS_DEFLATE, COMPRESS_NONE, COWD_MAGIC, FLAG_MARKERS,
                      FLAG_NEWLINE_CHECK, FLAG_REDUNDANT_GD, GD_AT_END, INCOMPATIBLE_MASK,
                      KNOWN_INCOMPATIBLE, MAGIC, MARKER_EOS, MARKER_FOOTER, NEWLINE_BYTES, SECTOR,
                      Header, unpack_header, unpack_marker)
