@@ -105,7 +105,7 @@ def cases() -> list[Case]:
              ("ims",), note="ratio < 1.67 means >= 60% of dd's read throughput"),
         Case("prepare qcow2 -> raw+bitmap+manifest vs qemu-img convert -O raw",
              IMGKIT + ["prepare", str(w / "fs.qcow2"), "--out", str(w / "prep"), "--method", "quick",
-                       "--os-version", "Ubuntu 18.04 server 64bit", "-q"],
+                       "--disk", "data", "-q"],
              q + ["qcow2", "-O", "raw", str(w / "fs.qcow2"), out], (str(w / "prep"), out), ("qcow2", "ims")),
     ]
 
