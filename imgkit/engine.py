@@ -8,6 +8,7 @@ count, never by the image size.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -24,6 +25,7 @@ from .extents import Extent, Kind
 from .formats.base import Reader, Writer
 
 WINDOW = 4 << 20
+MAPPED_WINDOW = 64 << 20   # bytes one thread maps at a time when a file is scanned in place
 DEFAULT_SPARSE = 4096
 # Loading numba costs 1-4 s of GIL-holding imports on this class of machine, and the numpy twin
 # already reduces zero blocks at ~24 GB/s; numba's early exit on data blocks repays the load only
@@ -186,22 +188,79 @@ def copy(reader: Reader, writer: Writer, sparse: int = DEFAULT_SPARSE, threads: 
         progress(vsize - done)
 
 
+def identity_mapped(reader: Reader) -> bool:
+    """True when the reader's file is its own virtual disk: every DATA byte sits at its own offset."""
+    image = getattr(reader, "image", None)     # readers built in memory (tests) have no file
+    if image is None or image.is_block_device or not reader.virtual_size or image.size != reader.virtual_size:
+        return False
+    return all(e.kind != Kind.DATA or (not e.compressed and e.host_offset == e.offset)
+               for e in reader.extents())
+
+
+def _can_map(fd: int) -> bool:
+    try:
+        mmap.mmap(fd, 1, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def window_masks(reader: Reader, granularity: int, threads: int | None = None,
+                 in_place: bool = True) -> Iterator[tuple[Window, np.ndarray]]:
+    """(window, block mask) for every window holding DATA, in order; holes count as zeros.
+
+    A file that is its own virtual disk (RAW) is scanned in place through private mappings,
+    with no copy into window buffers (a 4 GiB scan went from ~45 % to ~60 % of dd's speed);
+    every other reader (and any reader with in_place=False) goes through read_window."""
+    threads = threads or default_threads()
+    prepare_kernels(reader.virtual_size)
+    if in_place and identity_mapped(reader) and _can_map(reader.image.fd):
+        size = max(MAPPED_WINDOW, granularity)
+
+        def work(win: Window):
+            return win, _mapped_window_mask(reader.image.fd, win, granularity)
+    else:
+        size = max(WINDOW, granularity)
+        buffers = BufferPool(size)
+
+        def work(win: Window):
+            buf = read_window(reader, win, buffers)
+            mask = native.nonzero_blocks(buf, granularity)
+            buffers.put(buf)
+            return win, mask
+    yield from ordered_map(work, windows(reader.extents(), reader.virtual_size, size), threads)
+
+
+def _mapped_window_mask(fd: int, win: Window, granularity: int) -> np.ndarray:
+    """The block mask of one window read through a private mapping of the file (copy-on-write
+    and never written: numba's kernels take writable arrays only). A file truncated by another
+    process meanwhile raises SIGBUS; imgkit does not guard against that."""
+    mapping = mmap.mmap(fd, win.length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                        offset=win.offset)
+    try:
+        view = np.frombuffer(mapping, dtype=np.uint8)
+        mask = np.zeros(-(-win.length // granularity), dtype=np.bool_)
+        for off, length in win.data:
+            pos, end = off - win.offset, off - win.offset + length
+            if pos % granularity:                       # a range that starts inside a block
+                stop = min(end, pos - pos % granularity + granularity)
+                mask[pos // granularity] |= bool(native.nonzero_blocks(view[pos:stop], stop - pos)[0])
+                pos = stop
+            if pos < end:
+                sub = native.nonzero_blocks(view[pos:end], granularity)
+                mask[pos // granularity:pos // granularity + len(sub)] |= sub
+        del view
+        return mask
+    finally:
+        with contextlib.suppress(BufferError):   # a traceback may still hold a view; GC unmaps it
+            mapping.close()
+
+
 def scan_extents(reader: Reader, granularity: int, threads: int | None = None,
                  progress: Progress | None = None) -> Iterator[Extent]:
     """The reader's extents with DATA split at granularity into DATA and ZERO by content."""
-    threads = threads or default_threads()
-    size = max(WINDOW, granularity)
     vsize = reader.virtual_size
-    buffers = BufferPool(size)
-    prepare_kernels(vsize)
-
-    def work(win: Window):
-        buf = read_window(reader, win, buffers)
-        mask = native.nonzero_blocks(buf, granularity)
-        buffers.put(buf)
-        return win, mask
-
-    scanned = ordered_map(work, windows(reader.extents(), vsize, size), threads)
+    scanned = window_masks(reader, granularity, threads)
     pending = next(scanned, None)
     done = 0
     for ext in reader.extents():
@@ -238,23 +297,11 @@ def _split_by_mask(ext: Extent, lo: int, hi: int, base: int, mask: np.ndarray,
 
 
 def block_mask(reader: Reader, granularity: int, threads: int | None = None,
-               progress: Progress | None = None) -> np.ndarray:
+               progress: Progress | None = None, in_place: bool = True) -> np.ndarray:
     """mask[i]: block i (of granularity bytes, the last one partial) holds a non-zero byte."""
-    threads = threads or default_threads()
-    nblocks = -(-reader.virtual_size // granularity)
-    mask = np.zeros(nblocks, dtype=np.bool_)
-    size = max(WINDOW, granularity)
-    buffers = BufferPool(size)
-    prepare_kernels(reader.virtual_size)
-
-    def work(win: Window):
-        buf = read_window(reader, win, buffers)
-        sub = native.nonzero_blocks(buf, granularity)
-        buffers.put(buf)
-        return win, sub
-
+    mask = np.zeros(-(-reader.virtual_size // granularity), dtype=np.bool_)
     done = 0
-    for win, sub in ordered_map(work, windows(reader.extents(), reader.virtual_size, size), threads):
+    for win, sub in window_masks(reader, granularity, threads, in_place):
         first = win.offset // granularity
         mask[first:first + len(sub)] = sub
         if progress:

@@ -58,9 +58,9 @@ def test_bitmap_equals_a_plain_python_loop(tmp_path_factory, layout):
     write_sparse(path, size, runs)
     expected = python_bitmap(image_bytes(size, runs), granularity)
     with api.open_image(path) as reader:
-        assert mf.is_identity(reader)                       # RAW: scanned in place (mmap)
+        assert engine.identity_mapped(reader)                       # RAW: scanned in place (mmap)
         assert mf.pack(mf.compute_mask(reader, granularity)) == expected
-        assert mf.pack(engine.block_mask(reader, granularity)) == expected   # the engine path
+        assert mf.pack(engine.block_mask(reader, granularity, in_place=False)) == expected  # buffered
         streamed, digest = streamed_bitmap(reader, folder / "copy.raw", granularity)
     assert mf.pack(streamed) == expected
     assert digest == hashlib.sha256(image_bytes(size, runs)).hexdigest()
@@ -80,7 +80,7 @@ def streamed_bitmap(reader, dst, granularity: int) -> tuple[np.ndarray, str]:
 def test_data_across_mapped_windows(tmp_path, granularity):
     """RAW is scanned 64 MiB at a time: runs that straddle those windows, and blocks bigger than them."""
     size = 200 * MiB + 123
-    window = mf.MAPPED_WINDOW
+    window = engine.MAPPED_WINDOW
     runs = [(window - 3, b"\x01" * 7), (2 * window - 1, b"\x02"), (2 * window + 4096, bytes(8192)),
             (3 * window - 512, b"\x03" * 1024), (size - 1, b"\x04")]
     path = tmp_path / "wide.raw"
@@ -227,7 +227,7 @@ def test_bitmap_of_other_formats_matches_their_raw(tmp_path, qemu_img, fmt, qemu
     image = tmp_path / f"disk.{fmt}"
     qemu("convert", "-f", "raw", "-O", qemu_fmt, str(raw_path), str(image))
     with api.open_image(image) as reader:
-        assert not mf.is_identity(reader)
+        assert not engine.identity_mapped(reader)
         got = mf.pack(mf.compute_mask(reader, MiB))
         virtual_size = reader.virtual_size          # VHD rounds the size up to its geometry
     assert got == python_bitmap(image_bytes(virtual_size, runs), MiB)
@@ -237,13 +237,13 @@ def test_falls_back_to_the_engine_when_mmap_fails(tmp_path, monkeypatch):
     path = tmp_path / "disk.raw"
     write_sparse(path, 6 * MiB, [(5 * MiB, b"z")])
 
-    real_mmap = mf.mmap.mmap
+    real_mmap = engine.mmap.mmap
 
     def no_file_mmap(fd, *args, **kwargs):       # anonymous maps (the engine's buffers) still work
         if fd != -1:
             raise OSError(19, "No such device")
         return real_mmap(fd, *args, **kwargs)
 
-    monkeypatch.setattr(mf.mmap, "mmap", no_file_mmap)
+    monkeypatch.setattr(engine.mmap, "mmap", no_file_mmap)
     with api.open_image(path) as reader:
         assert mf.pack(mf.compute_mask(reader)) == b"\x04"

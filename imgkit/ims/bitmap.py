@@ -10,8 +10,6 @@ native kernel over the data windows (engine.block_mask).
 """
 from __future__ import annotations
 
-import contextlib
-import mmap
 import os
 from dataclasses import dataclass
 
@@ -25,7 +23,6 @@ from .rules import BITMAP_EXTENSION, DEFAULT_GRANULARITY
 MIN_GRANULARITY = 512
 MAX_GRANULARITY = 1 << 30
 MAX_BLOCKS = 1 << 28        # 32 MiB of bitmap, 256 MiB of mask in memory while it is built
-MAPPED_WINDOW = 64 << 20    # bytes mapped at once per thread when a RAW file is scanned in place
 
 
 def default_bitmap_path(image_path: str | os.PathLike) -> str:
@@ -61,78 +58,10 @@ def unpack(data: bytes) -> np.ndarray:
 
 def compute_mask(reader, granularity: int = DEFAULT_GRANULARITY, threads: int | None = None,
                  progress=None) -> np.ndarray:
-    """mask[i]: block i holds a non-zero byte. A file that is its own virtual disk (RAW) is
-    scanned in place through a private mapping: no copy into window buffers, which is what
-    keeps the bitmap of a big RAW close to dd's read speed. Everything else goes through
-    engine.block_mask. Either way only DATA extents are looked at."""
+    """mask[i]: block i holds a non-zero byte; only DATA extents are read (engine.block_mask,
+    which scans a RAW file in place)."""
     check_granularity(granularity, reader.virtual_size)
-    if is_identity(reader) and not reader.image.is_block_device and reader.virtual_size:
-        try:
-            return mapped_mask(reader, granularity, threads, progress)
-        except OSError:   # a file system without mmap support: read it like any other image
-            pass
     return engine.block_mask(reader, granularity, threads, progress)
-
-
-def is_identity(reader) -> bool:
-    """True when the file's bytes are the virtual disk (every extent maps offset x to host x)."""
-    image = getattr(reader, "image", None)
-    if image is None or image.size != reader.virtual_size:
-        return False
-    return all(not e.compressed and e.host_offset == e.offset for e in reader.extents())
-
-
-def mapped_mask(reader, granularity: int, threads: int | None = None, progress=None) -> np.ndarray:
-    """The mask of an identity-mapped file, each data window scanned through its own private
-    mapping (MAP_PRIVATE, never written; one window at a time keeps the commit charge small).
-
-    A file truncated by someone else while it is scanned raises SIGBUS; imgkit does not guard
-    against concurrent modification of its input."""
-    mask = np.zeros(block_count(reader.virtual_size, granularity), dtype=np.bool_)
-    size = max(MAPPED_WINDOW, granularity)
-    fd = reader.image.fd
-
-    def work(win):
-        return win, _scan_window(fd, win, granularity)
-
-    done = 0
-    wins = engine.windows(reader.extents(), reader.virtual_size, size)
-    for win, parts in engine.ordered_map(work, wins, threads or engine.default_threads()):
-        for first, sub in parts:
-            mask[first:first + len(sub)] |= sub
-        if progress:
-            progress(win.offset + win.length - done)
-            done = win.offset + win.length
-    if progress and done < reader.virtual_size:
-        progress(reader.virtual_size - done)
-    return mask
-
-
-def _scan_window(fd: int, win, granularity: int) -> list:
-    mapping = mmap.mmap(fd, win.length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                        offset=win.offset)
-    try:
-        view = np.frombuffer(mapping, dtype=np.uint8)
-        parts = list(_scan_ranges(view, [(off - win.offset, n) for off, n in win.data], granularity,
-                                  win.offset // granularity))
-        del view
-        return parts
-    finally:
-        with contextlib.suppress(BufferError):   # a traceback may still hold a view; GC unmaps it
-            mapping.close()
-
-
-def _scan_ranges(window: np.ndarray, ranges, granularity: int, base_block: int):
-    """(first block, block mask) for each data range of a block-aligned window; a range starting
-    inside a block contributes that block from its own bytes only (the rest is a hole)."""
-    for off, length in ranges:
-        pos, end = off, off + length
-        if pos % granularity:
-            stop = min(end, pos - pos % granularity + granularity)
-            yield base_block + pos // granularity, native.nonzero_blocks(window[pos:stop], stop - pos)
-            pos = stop
-        if pos < end:
-            yield base_block + pos // granularity, native.nonzero_blocks(window[pos:end], granularity)
 
 
 def write_bitmap(reader, dst: str, granularity: int = DEFAULT_GRANULARITY, force: bool = False,

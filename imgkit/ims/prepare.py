@@ -415,7 +415,7 @@ def convert(reader, src: str, image_path: str, choice: Choice, req: Request, opt
     stream_bitmap = None
     if choice.out_format.upper() in choice.path.needs_bitmap:
         stream_bitmap = mf.StreamingBitmap(reader.virtual_size, req.granularity)
-    source_identity = mf.is_identity(reader)
+    source_identity = engine.identity_mapped(reader)
     source_hasher = None if source_identity else FileHasher(src)
     if source_hasher is not None:
         source_hasher.start()
@@ -439,7 +439,7 @@ def convert(reader, src: str, image_path: str, choice: Choice, req: Request, opt
     virtual_sha = writer.hexdigest()
     source_sha = virtual_sha if source_identity else source_hasher.result()
     with api.open_image(image_path, choice.out_format) as written:
-        image_sha = virtual_sha if mf.is_identity(written) else file_sha256(image_path)
+        image_sha = virtual_sha if engine.identity_mapped(written) else file_sha256(image_path)
     produced = {
         "source": {"path": os.path.abspath(src), "size": reader.image.size, "sha256": source_sha,
                    "format": reader.format, "virtual-size": reader.virtual_size},
