@@ -232,3 +232,23 @@ def test_thousands_of_snapshots_sharing_one_l1_table(images, tmp_path):
         assert len(api.info(path)["snapshots"]) == 5000
         report = api.check(path)
     assert report.exit_code == 2
+
+
+def test_two_l2_entries_naming_one_compressed_cluster(tmp_path):
+    """A crafted L2 that repeats a compressed descriptor reads as two copies of that cluster."""
+    import struct
+
+    from imgkit import api
+
+    src, img, out = tmp_path / "s.raw", tmp_path / "c.qcow2", tmp_path / "o.raw"
+    cluster = 65536
+    data = bytes(range(256)) * (cluster // 256)
+    src.write_bytes(data + data[::-1])
+    api.convert(src, img, "qcow2", options={"compress": "on"})
+    raw = bytearray(img.read_bytes())
+    l1_offset = struct.unpack(">Q", raw[40:48])[0]
+    l2_offset = struct.unpack(">Q", raw[l1_offset:l1_offset + 8])[0] & 0x00FFFFFFFFFFFE00
+    raw[l2_offset + 8:l2_offset + 16] = raw[l2_offset:l2_offset + 8]      # entry 1 := entry 0
+    img.write_bytes(bytes(raw))
+    api.convert(img, out, "raw")
+    assert out.read_bytes() == data + data

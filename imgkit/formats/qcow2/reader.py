@@ -155,7 +155,11 @@ class Qcow2Reader(Reader):
         unit = np.uint64(self.unit)
         step = np.where(kinds[:-1] == DATA, hosts[:-1] + unit, hosts[:-1])
         same_host = (hosts[1:] == step) | (kinds[1:] == ZERO) | (kinds[1:] == UNALLOCATED)
-        cuts = np.flatnonzero((kinds[1:] != kinds[:-1]) | ~same_host) + 1
+        # A compressed run never crosses a guest cluster: two L2 entries naming the same
+        # compressed bytes are two clusters, each inflated on its own.
+        cluster = (origin + np.arange(len(kinds), dtype=np.int64) * self.unit) // self.cluster_size
+        new_packed_cluster = (kinds[1:] == PACKED) & (cluster[1:] != cluster[:-1])
+        cuts = np.flatnonzero((kinds[1:] != kinds[:-1]) | ~same_host | new_packed_cluster) + 1
         starts = np.concatenate(([0], cuts))
         ends = np.concatenate((cuts, [len(kinds)]))
         for s, e in zip(starts.tolist(), ends.tolist()):
