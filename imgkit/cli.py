@@ -140,12 +140,11 @@ def _echo_tree(value, depth: int) -> None:
 @click.argument("filename")
 def map_cmd(fmt, output, scan, granularity, threads, filename):
     """Show which ranges of the virtual disk hold data, zeros, or nothing."""
-    from . import api
-    from .errors import UsageError
+    from . import api, engine
     from .io import parse_size
     gran = parse_size(granularity)
-    if scan and (gran < 512 or gran % 512 or gran & (gran - 1)):
-        raise UsageError(f"--granularity {granularity}: must be a power of two, at least 512")
+    if scan:
+        engine.check_block_size("--granularity", gran)
     with api.open_image(filename, fmt) as reader:
         if reader.probe.warning:
             _warn(reader.probe.warning)

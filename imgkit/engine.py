@@ -23,9 +23,10 @@ from . import native
 from .errors import UsageError
 from .extents import Extent, Kind
 from .formats.base import Reader, Writer
+from .limits import MAX_SCAN_BLOCK, WINDOW_BUDGET
 
 WINDOW = 4 << 20
-MAPPED_WINDOW = 64 << 20   # bytes one thread maps at a time when a file is scanned in place
+MAPPED_WINDOW = 16 << 20   # bytes one thread maps at a time when a file is scanned in place
 DEFAULT_SPARSE = 4096
 # Loading numba costs 1-4 s of GIL-holding imports on this class of machine, and the numpy twin
 # already reduces zero blocks at ~24 GB/s; numba's early exit on data blocks repays the load only
@@ -129,9 +130,10 @@ def read_window(reader: Reader, win: Window, pool: BufferPool) -> np.ndarray:
     return buf
 
 
-def ordered_map(fn, items: Iterable, threads: int) -> Iterator:
-    """fn over items in a pool, yielded in order, with at most 2*threads in flight."""
-    limit = max(2, 2 * threads)
+def ordered_map(fn, items: Iterable, threads: int, item_bytes: int = WINDOW) -> Iterator:
+    """fn over items in a pool, yielded in order, with at most 2*threads in flight and never
+    more items of item_bytes than limits.WINDOW_BUDGET allows (at least one)."""
+    limit = max(1, min(2 * threads, WINDOW_BUDGET // max(item_bytes, 1)))
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imgkit") as pool:
         pending: deque = deque()
         try:
@@ -146,9 +148,18 @@ def ordered_map(fn, items: Iterable, threads: int) -> Iterator:
                 fut.cancel()
 
 
+def check_block_size(what: str, size: int, zero_allowed: bool = False) -> None:
+    """One rule for -S, map --granularity and bitmap --granularity: a power of two from 512 B
+    to limits.MAX_SCAN_BLOCK (the window the engine reads grows with it)."""
+    if zero_allowed and size == 0:
+        return
+    if size < 512 or size > MAX_SCAN_BLOCK or size & (size - 1):
+        raise UsageError(f"{what} {size}: use a power of two from 512 bytes to {MAX_SCAN_BLOCK >> 20} MiB"
+                         + (", or 0" if zero_allowed else ""))
+
+
 def check_sparse_size(sparse: int) -> None:
-    if sparse and (sparse % 512 or sparse & (sparse - 1)):
-        raise UsageError(f"-S {sparse}: the sparse granularity must be 0 or a power of two, at least 512")
+    check_block_size("-S", sparse, zero_allowed=True)
 
 
 def copy(reader: Reader, writer: Writer, sparse: int = DEFAULT_SPARSE, threads: int | None = None,
@@ -177,7 +188,7 @@ def copy(reader: Reader, writer: Writer, sparse: int = DEFAULT_SPARSE, threads: 
 
     done = 0
     for win, buf, encoded in ordered_map(work, windows(reader.extents(), vsize, size,
-                                                       everything=(sparse == 0)), threads):
+                                                       everything=(sparse == 0)), threads, size):
         if encoded is not None:
             writer.commit(win.offset, encoded)
         buffers.put(buf)
@@ -228,7 +239,7 @@ def window_masks(reader: Reader, granularity: int, threads: int | None = None,
             mask = native.nonzero_blocks(buf, granularity)
             buffers.put(buf)
             return win, mask
-    yield from ordered_map(work, windows(reader.extents(), reader.virtual_size, size), threads)
+    yield from ordered_map(work, windows(reader.extents(), reader.virtual_size, size), threads, size)
 
 
 def _mapped_window_mask(fd: int, win: Window, granularity: int) -> np.ndarray:
@@ -331,7 +342,7 @@ def first_difference(a: Reader, b: Reader, threads: int | None = None,
         return win, diff
 
     done = 0
-    for win, diff in ordered_map(work, windows(union, common, WINDOW), threads):
+    for win, diff in ordered_map(work, windows(union, common, WINDOW), threads, 2 * WINDOW):
         if diff is not None:
             return diff
         if progress:

@@ -9,7 +9,8 @@ GiB = 1 << 30
 TiB = 1 << 40
 
 MAX_VIRTUAL_SIZE = 64 * TiB          # far above any cloud disk; keeps arithmetic sane
-MAX_CHUNK = 4 * MiB                  # the engine's read window
+WINDOW_BUDGET = 64 * MiB             # window buffers the engine keeps in flight at once
+MAX_SCAN_BLOCK = 64 * MiB            # largest -S, map --granularity or bitmap granularity
 QCOW2_MAX_L1_BYTES = 32 * MiB        # qemu's QCOW_MAX_L1_SIZE
 QCOW2_MAX_REFTABLE_BYTES = 8 * MiB   # qemu's QCOW_MAX_REFTABLE_SIZE
 QCOW2_MIN_CLUSTER_BITS = 9
@@ -27,7 +28,6 @@ VMDK_MAX_SECTORS = 1 << 32           # sector offsets are u32
 VMDK_MAX_GD_BYTES = 4 * MiB          # 1M grain tables: 2 TiB even with 4 KiB grains
 VMDK_GT_CACHE_BYTES = 16 * MiB       # VMDK grain tables kept in memory at once
 MAX_COMPRESSED_CHUNK = 4 * MiB       # any single compressed cluster/grain on disk
-MAX_EXTENTS_PER_MAP = 1 << 22
 
 
 def check_range(what: str, offset: int, length: int, file_size: int) -> None:

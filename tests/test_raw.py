@@ -137,6 +137,8 @@ def test_cli_errors_are_one_line_with_documented_codes(tmp_path):
         (("convert", "-O", "nosuch", src, tmp_path / "o"), 64),
         (("convert", "-O", "raw", "-o", "bogus=1", src, tmp_path / "o"), 64),
         (("convert", "-O", "raw", "-S", "1000", src, tmp_path / "o"), 64),
+        (("convert", "-O", "raw", "-S", "1P", src, tmp_path / "o"), 64),
+        (("map", "--scan", "--granularity", "1G", src), 64),
         (("convert", "-O", "raw", "-c", src, tmp_path / "o"), 64),
         (("convert", "-O", "raw", src, tmp_path / "no-such-dir" / "o"), 73),
     ]

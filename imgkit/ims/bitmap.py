@@ -20,8 +20,6 @@ from ..errors import InvalidImage, UsageError
 from ..io import AtomicOutput, ImageFile, check_destination
 from .rules import BITMAP_EXTENSION, DEFAULT_GRANULARITY
 
-MIN_GRANULARITY = 512
-MAX_GRANULARITY = 1 << 30
 MAX_BLOCKS = 1 << 28        # 32 MiB of bitmap, 256 MiB of mask in memory while it is built
 
 
@@ -31,9 +29,7 @@ def default_bitmap_path(image_path: str | os.PathLike) -> str:
 
 
 def check_granularity(granularity: int, virtual_size: int | None = None) -> None:
-    if granularity < MIN_GRANULARITY or granularity > MAX_GRANULARITY or granularity & (granularity - 1):
-        raise UsageError(f"--granularity {granularity}: use a power of two from 512 bytes to 1 GiB "
-                         f"(the default, 2M, is the ZVHD2 block size)")
+    engine.check_block_size("--granularity", granularity)
     if virtual_size is not None and block_count(virtual_size, granularity) > MAX_BLOCKS:
         raise UsageError(f"--granularity {granularity}: {block_count(virtual_size, granularity)} blocks "
                          f"exceed the limit of {MAX_BLOCKS}; use a larger granularity")
