@@ -195,9 +195,7 @@ def compare(fmt_a, fmt_b, strict, threads, progress_flag, quiet, progress, image
             result = api.compare_readers(a, b, strict, threads, bar)
         finally:
             bar.close()
-    if not result.identical and not quiet:
-        click.echo(result.message)
-    elif not quiet:
+    if not quiet:
         click.echo(result.message)
     sys.exit(0 if result.identical else 1)
 
@@ -496,6 +494,7 @@ def _on_sigterm(signum, frame):
 def main(argv=None) -> None:
     """Entry point: runs the click group and turns every failure into one line + an exit code."""
     global _error_exit_override
+    _error_exit_override = None
     signal.signal(signal.SIGTERM, _on_sigterm)
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a file-size limit becomes EFBIG, not death

@@ -188,15 +188,33 @@ class AtomicOutput:
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
-            if not self.force and os.path.lexists(self.dst):
-                raise OutputError(f"{self.dst}: appeared while writing; not replaced (use --force)")
             os.chmod(self.tmp, 0o644 & ~_umask())
-            os.replace(self.tmp, self.dst)
+            if self.force:
+                os.replace(self.tmp, self.dst)
+            else:
+                self._publish_without_replacing()
+        except FileExistsError:
+            self.abort()
+            raise OutputError(f"{self.dst}: appeared while writing; not replaced (use --force)") from None
         except OSError as exc:
             self.abort()
             raise write_error(self.dst, exc) from None
         _live_temps.discard(self.tmp)
         _fsync_dir(os.path.dirname(os.path.abspath(self.dst)))
+
+    def _publish_without_replacing(self) -> None:
+        """link() refuses an existing destination atomically; where a file system has no hard
+        links, fall back to a check just before the rename."""
+        try:
+            os.link(self.tmp, self.dst)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            if os.path.lexists(self.dst):
+                raise FileExistsError(errno.EEXIST, "exists", self.dst) from None
+            os.replace(self.tmp, self.dst)
+            return
+        os.unlink(self.tmp)
 
     def abort(self) -> None:
         if self.fd >= 0:

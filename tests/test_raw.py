@@ -214,3 +214,26 @@ def test_sample_disk_converts_like_qemu(qemu_img, tmp_path):
         head = bytearray(512)
         reader.readinto(0, head)
     assert head[510:512] == b"\x55\xaa"
+
+
+def test_destination_that_appears_while_writing_is_kept(tmp_path):
+    from imgkit.errors import OutputError
+    from imgkit.io import AtomicOutput
+    dst = tmp_path / "out.raw"
+    out = AtomicOutput(dst)
+    out.pwrite(b"new", 0)
+    dst.write_bytes(b"someone else's")
+    with pytest.raises(OutputError, match="appeared while writing"):
+        out.commit()
+    assert dst.read_bytes() == b"someone else's"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.raw"]
+
+
+def test_cli_exit_code_override_does_not_leak_between_runs(tmp_path, capsys):
+    from imgkit.cli import main
+    a = tmp_path / "a.raw"
+    write_sparse(a, MiB, [(0, b"x")])
+    for argv, code in ((["compare", str(a), str(a)], 0), (["info", str(tmp_path / "missing")], 66)):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == code
