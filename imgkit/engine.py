@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import native
-from .errors import UsageError
+from .errors import InvalidImage, UnsafeImage, UsageError
 from .extents import Extent, Kind
 from .formats.base import Reader, Writer
 from .limits import MAX_SCAN_BLOCK, WINDOW_BUDGET
@@ -116,7 +116,10 @@ class BufferPool:
 
 
 def read_window(reader: Reader, win: Window, pool: BufferPool) -> np.ndarray:
-    """The window's bytes: DATA ranges read, everything else zero-filled (never read)."""
+    """The window's bytes: DATA ranges read, everything else zero-filled (never read).
+    A reader whose data lives partly in another file is refused here too, whatever the caller."""
+    if getattr(reader, "unsafe_reason", None):
+        raise UnsafeImage(f"{reader.image.path}: {reader.unsafe_reason}")
     buf = pool.get()[:win.length]
     pos = win.offset
     for off, length in win.data:
@@ -285,6 +288,8 @@ def scan_extents(reader: Reader, granularity: int, threads: int | None = None,
                     progress(pending[0].offset + pending[0].length - done)
                     done = pending[0].offset + pending[0].length
                 pending = next(scanned, None)
+            if pending is None:      # the file changed between two walks of its extents
+                raise InvalidImage(f"{reader.image.path}: the image changed while it was being read")
             win, mask = pending
             stop = min(ext.end, win.offset + win.length)
             yield from _split_by_mask(ext, pos, stop, win.offset, mask, granularity)

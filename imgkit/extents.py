@@ -49,27 +49,3 @@ def _host_contiguous(a: Extent, b: Extent) -> bool:
     if a.host_offset is None or b.host_offset is None or a.compressed:
         return False
     return a.host_offset + a.length == b.host_offset
-
-
-def clip(extents: Iterable[Extent], start: int, end: int) -> Iterator[Extent]:
-    """The part of an extent stream that lies in [start, end)."""
-    for ext in extents:
-        if ext.end <= start:
-            continue
-        if ext.offset >= end:
-            break
-        lo, hi = max(ext.offset, start), min(ext.end, end)
-        host = None if ext.host_offset is None or ext.compressed else ext.host_offset + (lo - ext.offset)
-        yield Extent(lo, hi - lo, ext.kind, host if not ext.compressed else ext.host_offset, ext.compressed)
-
-
-def fill_gaps(extents: Iterable[Extent], virtual_size: int) -> Iterator[Extent]:
-    """Make a stream cover [0, virtual_size) exactly, holes reported as UNALLOCATED."""
-    pos = 0
-    for ext in extents:
-        if ext.offset > pos:
-            yield Extent(pos, ext.offset - pos, Kind.UNALLOCATED)
-        yield ext
-        pos = ext.end
-    if pos < virtual_size:
-        yield Extent(pos, virtual_size - pos, Kind.UNALLOCATED)

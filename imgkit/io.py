@@ -28,9 +28,17 @@ class ImageFile:
         except OSError as exc:
             raise InputError(f"{self.path}: cannot open ({exc.strerror})") from None
         self.fd = fd
+        try:
+            self._describe(fd)
+        except BaseException:
+            os.close(fd)
+            self.fd = -1
+            raise
+
+    def _describe(self, fd: int) -> None:
+        """Size and kind of the opened file; refuses anything but a regular file or block device."""
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            os.close(fd)
             raise InputError(f"{self.path}: is a directory")
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         if self.is_block_device:
@@ -38,7 +46,6 @@ class ImageFile:
         elif stat.S_ISREG(st.st_mode):
             self.size = st.st_size
         else:
-            os.close(fd)
             raise InputError(f"{self.path}: not a regular file or block device")
         self.identity = (st.st_dev, st.st_ino)
         self.allocated_bytes = st.st_blocks * 512 if not self.is_block_device else self.size
@@ -78,27 +85,6 @@ class ImageFile:
                 break
             done += n
         return done
-
-    def seek_data_holes(self):
-        """Yield (start, end) of data runs via SEEK_DATA/SEEK_HOLE, or None where unsupported."""
-        if self.is_block_device or not hasattr(os, "SEEK_DATA"):
-            return None
-        runs = []
-        pos = 0
-        try:
-            while pos < self.size:
-                try:
-                    start = os.lseek(self.fd, pos, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:
-                        break
-                    raise
-                end = os.lseek(self.fd, start, os.SEEK_HOLE)
-                runs.append((start, min(end, self.size)))
-                pos = end
-        except OSError:
-            return None
-        return runs
 
     def close(self) -> None:
         if self.fd >= 0:

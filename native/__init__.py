@@ -45,8 +45,11 @@ def kernels():
 
 
 def _as_bytes(buf) -> np.ndarray:
+    """A writable contiguous uint8 view (the compiled signatures take writable arrays only;
+    a read-only buffer such as bytes is copied)."""
     data = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
-    return np.ascontiguousarray(data.reshape(-1).view(np.uint8))
+    data = np.ascontiguousarray(data.reshape(-1).view(np.uint8))
+    return data if data.flags.writeable else data.copy()
 
 
 def nonzero_blocks(buf, block_size: int) -> np.ndarray:

@@ -270,3 +270,16 @@ def test_unknown_method_and_disk_pair_is_a_usage_error():
     from imgkit.errors import UsageError
     with pytest.raises(UsageError):
         check_request(Request(method="register", disk="data"))
+
+
+def test_every_code_the_ims_modules_emit_is_documented():
+    """ERROR_CODES and IMGKIT_CODES are the list the README points to: no code may be missing."""
+    import re
+    from pathlib import Path
+
+    import imgkit.ims
+    from imgkit.ims import rules
+    source = "".join(p.read_text() for p in Path(imgkit.ims.__file__).parent.glob("*.py"))
+    used = set(re.findall(r'"(IMG\.\d{4}|IMGKIT\.[A-Z_]+)"', source))
+    documented = set(rules.ERROR_CODES) | set(rules.IMGKIT_CODES)
+    assert used - documented == set()

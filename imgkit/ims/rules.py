@@ -87,8 +87,6 @@ PATHS: dict[tuple[str, str], ImportPath] = {(p.method, p.disk): p for p in (
                "/v1/cloudimages/{image_id}/upload", "6.1.6, 5.1.7", IMPORT_FORMATS, "IMG.0072", 128 * GB,
                (40, 255), name_max=NATIVE_NAME_MAX),
 )}
-METHODS = ("quick", "file", "data", "register")
-DISKS = ("system", "data")
 QUICK_RECOMMENDED_FROM = 128 * GB   # 5.1.4: at 128 GB and more, the normal import is not recommended
 
 # Appendix B: the codes imgkit reproduces, with the service's meaning (in English).

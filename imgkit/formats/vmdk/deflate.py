@@ -15,7 +15,6 @@ try:
 except ImportError:   # pragma: no cover - depends on the installation
     _fast = None
 
-BACKEND = "zlib-ng" if _fast is not None else "zlib"
 LEVEL = 5 if _fast is not None else 6
 crc32 = _fast.crc32 if _fast is not None else zlib.crc32   # the same CRC-32, faster in zlib-ng
 decompressobj = _fast.decompressobj if _fast is not None else zlib.decompressobj   # inflates 3x faster

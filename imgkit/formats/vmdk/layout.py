@@ -5,7 +5,7 @@ Every integer is little-endian; every offset and size field counts 512-byte sect
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 SECTOR = 512
 MAGIC = b"KDMV"
@@ -14,7 +14,6 @@ GD_AT_END = 0xFFFFFFFFFFFFFFFF
 
 FLAG_NEWLINE_CHECK = 1 << 0
 FLAG_REDUNDANT_GD = 1 << 1
-FLAG_ZERO_GRAIN = 1 << 2
 FLAG_COMPRESSED = 1 << 16
 FLAG_MARKERS = 1 << 17
 KNOWN_INCOMPATIBLE = FLAG_COMPRESSED | FLAG_MARKERS
@@ -58,10 +57,6 @@ class Header:
         return bool(self.flags & FLAG_COMPRESSED)
 
     @property
-    def has_markers(self) -> bool:
-        return bool(self.flags & FLAG_MARKERS)
-
-    @property
     def grain_bytes(self) -> int:
         return self.grain_size * SECTOR
 
@@ -71,9 +66,6 @@ class Header:
                            self.rgd_offset, self.gd_offset, self.overhead, self.unclean_shutdown,
                            self.newline_bytes, self.compress_algorithm)
         return raw.ljust(SECTOR, b"\0")
-
-    def with_gd(self, gd_offset: int) -> "Header":
-        return replace(self, gd_offset=gd_offset)
 
 
 def unpack_header(sector: bytes) -> Header:
