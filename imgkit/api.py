@@ -11,7 +11,7 @@ from .extents import Extent, Kind, merge
 from .formats import get_format, load_driver, parse_options
 from .formats.base import CheckReport, Reader
 from .io import AtomicOutput, ImageFile, check_destination
-from .limits import check_virtual_size
+from .limits import DEFAULT_SPARSE, check_virtual_size
 from .probe import probe
 
 
@@ -104,7 +104,7 @@ def compare_readers(a: Reader, b: Reader, strict: bool = False, threads: int | N
 
 
 def convert(src, dst, out_format: str, *, src_format: str | None = None, options: str | dict | None = None,
-            sparse: int = engine.DEFAULT_SPARSE, threads: int | None = None, force: bool = False,
+            sparse: int = DEFAULT_SPARSE, threads: int | None = None, force: bool = False,
             progress=None, verify: bool = False, force_format: bool = False) -> dict:
     """Convert src into dst atomically: dst appears complete or not at all."""
     driver = load_driver(out_format)

@@ -15,6 +15,7 @@ import click
 
 from . import __version__
 from .errors import INTERNAL_ERROR_EXIT, ImgkitError, Interrupted
+from .formats import REGISTRY
 
 # compare and check keep qemu-img's exit codes for errors (2 and 1); see errors.py for the rest.
 _error_exit_override: int | None = None
@@ -428,7 +429,7 @@ def _echo_report(report) -> None:
 @click.option("--method", type=click.Choice(["auto", "quick", "file"]), default="auto", show_default=True,
               help="auto: create from a compact file when every rule allows it, else quick import (RAW + bitmap).")
 @click.option("--disk", type=click.Choice(["system", "data"]), default="system", show_default=True)
-@click.option("--format", "out_format", type=click.Choice(["raw", "qcow2", "vhd", "vmdk"]),
+@click.option("--format", "out_format", type=click.Choice(list(REGISTRY)),
               help="Image format (default: qcow2 for create from file, raw for quick import).")
 @_ims_request_options
 @click.option("--bucket", help="OBS bucket for image_url (default: a <bucket> placeholder).")

@@ -23,11 +23,10 @@ from . import native
 from .errors import InvalidImage, UnsafeImage, UsageError
 from .extents import Extent, Kind
 from .formats.base import Reader, Writer
-from .limits import MAX_SCAN_BLOCK, WINDOW_BUDGET
+from .limits import DEFAULT_SPARSE, MAX_SCAN_BLOCK, WINDOW_BUDGET
 
 WINDOW = 4 << 20
 MAPPED_WINDOW = 16 << 20   # bytes one thread maps at a time when a file is scanned in place
-DEFAULT_SPARSE = 4096
 # Loading numba costs 1-4 s of GIL-holding imports on this class of machine, and the numpy twin
 # already reduces zero blocks at ~24 GB/s; numba's early exit on data blocks repays the load only
 # on big disks (measured: a 4 GiB scan took 1.4 s with the twin, 4.0 s when preloading numba).

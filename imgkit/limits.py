@@ -11,6 +11,7 @@ TiB = 1 << 40
 MAX_VIRTUAL_SIZE = 64 * TiB          # far above any cloud disk; keeps arithmetic sane
 WINDOW_BUDGET = 64 * MiB             # window buffers the engine keeps in flight at once
 MAX_SCAN_BLOCK = 64 * MiB            # largest -S, map --granularity or bitmap granularity
+DEFAULT_SPARSE = 4 * KiB             # -S: zero runs of this size become holes
 QCOW2_MAX_L1_BYTES = 32 * MiB        # qemu's QCOW_MAX_L1_SIZE
 QCOW2_MAX_REFTABLE_BYTES = 8 * MiB   # qemu's QCOW_MAX_REFTABLE_SIZE
 QCOW2_MIN_CLUSTER_BITS = 9

@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import __version__
-from ..engine import DEFAULT_SPARSE
+from ..limits import DEFAULT_SPARSE
 from ..errors import InvalidImage, LimitExceeded, UnsupportedFormat, UsageError
 from ..extents import Extent, Kind
 from ..io import AtomicOutput, ImageFile, parse_size

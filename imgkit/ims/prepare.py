@@ -286,18 +286,20 @@ class OrderedHasher(threading.Thread):
         self.pieces.put(piece)
 
     def run(self) -> None:
+        """Consumes until the None sentinel even after a failure, so a put() never blocks on a
+        full queue that nobody drains."""
         zeros = memoryview(ZEROS)
-        try:
-            while (piece := self.pieces.get()) is not None:
-                if self.cancelled:
-                    continue
+        while (piece := self.pieces.get()) is not None:
+            if self.cancelled or self.failure is not None:
+                continue
+            try:
                 if isinstance(piece, int):
                     for done in range(0, piece, HASH_CHUNK):
                         self.sha.update(zeros[:min(HASH_CHUNK, piece - done)])
                 else:
                     self.sha.update(piece)
-        except BaseException as exc:   # handed to the caller by _put() or hexdigest()
-            self.failure = exc
+            except BaseException as exc:   # handed to the caller by _put() or hexdigest()
+                self.failure = exc
 
     def hexdigest(self) -> str:
         self.pieces.put(None)
