@@ -5,6 +5,8 @@ import enum
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+import numpy as np
+
 
 class Kind(enum.IntEnum):
     DATA = 0          # bytes must be read from the file
@@ -49,3 +51,9 @@ def _host_contiguous(a: Extent, b: Extent) -> bool:
     if a.host_offset is None or b.host_offset is None or a.compressed:
         return False
     return a.host_offset + a.length == b.host_offset
+
+
+def mask_runs(mask) -> list[tuple[int, int]]:
+    """[lo, hi) index pairs of the runs of True in a chunk mask (what a writer allocates)."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from ..errors import UsageError
-from ..extents import Extent, Kind
+from ..extents import Extent, Kind, mask_runs
 from ..io import AtomicOutput, ImageFile, write_error
 from .base import Reader, Writer
 
@@ -84,10 +84,9 @@ class RawWriter(Writer):
         written = []
         if not mask.any():
             return written
-        edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
         cs = self.chunk_size
-        for lo, hi in zip(edges[::2], edges[1::2]):
-            start, stop = int(lo) * cs, min(int(hi) * cs, len(data))
+        for lo, hi in mask_runs(mask):
+            start, stop = lo * cs, min(hi * cs, len(data))
             self.out.pwrite(data[start:stop], offset + start)
             written.append((offset + start, stop - start))
         return written

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import UnsupportedFormat, UsageError
-from ...extents import Kind
+from ...extents import Kind, mask_runs
 from ...io import AtomicOutput, parse_size
 from ...limits import QCOW2_MAX_L1_BYTES
 from ..base import Writer
@@ -177,9 +177,7 @@ class Qcow2Writer(Writer):
         cluster, kept uncompressed when compression does not make it smaller (as qemu does)."""
         cs = self.chunk_size
         if self.compress is None:
-            edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
-            return [(int(lo), int(hi) - int(lo), data[int(lo) * cs:min(int(hi) * cs, len(data))], False)
-                    for lo, hi in zip(edges[::2], edges[1::2])]
+            return [(lo, hi - lo, data[lo * cs:min(hi * cs, len(data))], False) for lo, hi in mask_runs(mask)]
         items = []
         for i in np.flatnonzero(mask).tolist():
             chunk = data[i * cs:(i + 1) * cs]

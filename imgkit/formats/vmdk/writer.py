@@ -16,7 +16,7 @@ import numpy as np
 
 from ... import limits
 from ...errors import UsageError, WriteError
-from ...extents import Kind
+from ...extents import Kind, mask_runs
 from ...io import AtomicOutput
 from ..base import Writer
 from . import deflate
@@ -272,9 +272,8 @@ class StreamOptimizedWriter(_GrainWriter):
 
 def _grain_runs(mask: np.ndarray, first: int) -> list[tuple[int, int]]:
     """[lo, hi) index pairs of consecutive data grains, cut where a grain table ends."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
     runs = []
-    for lo, hi in zip(edges[::2].tolist(), edges[1::2].tolist()):
+    for lo, hi in mask_runs(mask):
         while lo < hi:
             stop = min(hi, (first + lo) // GTES * GTES + GTES - first)
             runs.append((lo, stop))
