@@ -54,8 +54,8 @@ def _vmdk_descriptor(head: bytes) -> bool:
 def signatures(head: bytes, tail: bytes, size: int) -> list[str]:
     """Every format whose signature this file carries, in detection order."""
     found: list[str] = []
-    if head[:4] == b"QFI\xfb" and len(head) >= 8:
-        found.append("qcow" if struct.unpack(">I", head[4:8])[0] == 1 else "qcow2")
+    if head[:4] == b"QFI\xfb":   # a file cut inside the version field is a truncated qcow2, not raw
+        found.append("qcow" if len(head) >= 8 and struct.unpack(">I", head[4:8])[0] == 1 else "qcow2")
     if head[:4] == b"QED\x00":
         found.append("qed")
     if head[:4] in (b"KDMV", b"COWD") or _vmdk_descriptor(head):

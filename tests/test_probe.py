@@ -103,6 +103,7 @@ UNSUPPORTED = {
 READABLE = {
     "qcow2-v2": (lambda: zeros_with(512, (0, b"QFI\xfb\x00\x00\x00\x02")), "qcow2"),
     "qcow2-v3": (lambda: zeros_with(512, (0, b"QFI\xfb\x00\x00\x00\x03")), "qcow2"),
+    "qcow2-cut-in-version": (lambda: b"QFI\xfb\x00\x00", "qcow2"),
     "vmdk-sparse": (lambda: zeros_with(512, (0, b"KDMV")), "vmdk"),
     "vmdk-cowd": (lambda: zeros_with(512, (0, b"COWD")), "vmdk"),
     "vmdk-descriptor": (lambda: b"# Disk DescriptorFile\nversion=1\nCID=fffffffe\n", "vmdk"),
