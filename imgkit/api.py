@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from . import engine
-from .errors import InvalidImage, UnsafeImage, UnsupportedFormat, UsageError, VerifyError
+from .errors import InvalidImage, NoConsistencyChecks, UnsafeImage, UnsupportedFormat, UsageError, VerifyError
 from .extents import Extent, Kind, merge
 from .formats import get_format, load_driver, parse_options
 from .formats.base import CheckReport, Reader
@@ -133,13 +133,17 @@ def convert(src, dst, out_format: str, *, src_format: str | None = None, options
 
 
 def check(path, fmt: str | None = None) -> CheckReport:
-    """Consistency check as qemu-img check; formats without a checker raise UnsupportedFormat."""
+    """Consistency check as qemu-img check. A format imgkit has no checker for (raw, or one it
+    does not read) raises NoConsistencyChecks; an image its driver cannot open raises as usual."""
     image = ImageFile(path)
     try:
-        found = probe(image, fmt)
+        try:
+            found = probe(image, fmt)
+        except UnsupportedFormat as exc:
+            raise NoConsistencyChecks(exc.message) from None
         driver = load_driver(found.format)
         if not hasattr(driver, "check"):
-            raise UnsupportedFormat(f"{path}: {found.format} images have no consistency checks")
+            raise NoConsistencyChecks(f"{path}: {found.format} images have no consistency checks")
         return driver.check(image)
     finally:
         image.close()

@@ -152,14 +152,19 @@ def map_cmd(fmt, output, scan, granularity, threads, filename):
         if scan:
             api.ensure_readable(reader, force_format=True)
         entries = api.map_entries(reader, scan, gran, threads)
-        if output == "json":
-            _stream_json_list(entries)
-            return
-        click.echo(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
-        for e in entries:
-            if e["data"]:
-                mapped = hex(e["offset"]) if "offset" in e else "compressed"
-                click.echo(f"{hex(e['start']):<16}{hex(e['length']):<16}{mapped:<16}{filename}")
+        try:
+            if output == "json":
+                _stream_json_list(entries)
+                return
+            click.echo(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
+            for e in entries:
+                if e["data"]:
+                    mapped = hex(e["offset"]) if "offset" in e else "compressed"
+                    click.echo(f"{hex(e['start']):<16}{hex(e['length']):<16}{mapped:<16}{filename}")
+            sys.stdout.flush()
+        except BrokenPipeError:      # `imgkit map | head`: the reader left; exit as SIGPIPE would
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
 
 
 def _stream_json_list(items) -> None:
@@ -248,10 +253,10 @@ def check(fmt, output, filename):
     global _error_exit_override
     _error_exit_override = 1
     from . import api
-    from .errors import UnsupportedFormat
+    from .errors import NoConsistencyChecks
     try:
         report = api.check(filename, fmt)
-    except UnsupportedFormat as exc:
+    except NoConsistencyChecks as exc:
         click.echo(f"imgkit: {exc.message}", err=True)
         sys.exit(63)
     if output == "json":

@@ -48,6 +48,10 @@ class UnsupportedFormat(ImgkitError):
     exit_code = 67
 
 
+class NoConsistencyChecks(UnsupportedFormat):
+    """The format has no metadata to check (raw); `check` answers 63 as qemu-img does."""
+
+
 class UnsafeImage(ImgkitError):
     """The image would make us read another file, or its format is ambiguous."""
     exit_code = 68

@@ -53,3 +53,29 @@ def test_info_json_keys_follow_qemu(tmp_path):
     data = json.loads(res.stdout)
     assert data["format"] == "raw" and data["virtual-size"] == 3 * MiB
     assert {"filename", "actual-size", "dirty-flag"} <= set(data)
+
+
+def test_check_answers_63_only_for_formats_without_checks(tmp_path):
+    import struct
+    from imgkit import api
+    raw = tmp_path / "s.raw"
+    write_sparse(raw, MiB, [(0, b"x")])
+    assert run_cli("check", raw).returncode == 63
+    img = tmp_path / "v9.qcow2"
+    api.convert(raw, img, "qcow2")
+    data = bytearray(img.read_bytes())
+    data[4:8] = struct.pack(">I", 9)                 # a qcow2 version imgkit cannot open
+    img.write_bytes(bytes(data))
+    res = run_cli("check", img)
+    assert res.returncode == 1 and "version" in res.stderr
+
+
+def test_map_into_a_closed_pipe_exits_like_sigpipe(tmp_path):
+    import subprocess
+    import sys
+    src = tmp_path / "s.raw"
+    write_sparse(src, 64 * MiB, [(i * MiB, b"x") for i in range(0, 64, 2)])
+    proc = subprocess.Popen([sys.executable, "-m", "imgkit", "map", src], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141 and proc.stderr.read() == b""

@@ -283,3 +283,15 @@ def test_cli_human_output_shows_the_computed_min_disk(tmp_path):
     assert result.returncode == 1                                   # no bitmap yet
     assert "min_disk: 3 GB (computed" in result.stdout and "IMG.0158" in result.stdout
     assert "result: 1 errors" in result.stdout
+
+
+def test_readable_format_in_a_version_imgkit_cannot_take_is_an_error(tmp_path):
+    """A qcow2 with an unknown incompatible feature would fail at import too: an error, not a
+    warning (formats imgkit does not read at all, like ZVHD2, only get IMGKIT.UNREADABLE)."""
+    disk = tmp_path / "disk.qcow2"
+    api.convert(mbr_disk(tmp_path / "src.raw"), disk, "qcow2")
+    data = bytearray(disk.read_bytes())
+    data[72:80] = struct.pack(">Q", 1 << 40)
+    disk.write_bytes(bytes(data))
+    report = validate(str(disk), Request(os_version=OS))
+    assert not report.ok and codes(report, "error") == ["IMG.0057"]

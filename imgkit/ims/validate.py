@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .. import api
 from ..errors import ImgkitError, UnsafeImage, UnsupportedFormat, UsageError
+from ..formats import REGISTRY
 from ..io import ImageFile
 from ..probe import read_head_tail, signatures
 from . import bitmap as mf
@@ -458,6 +459,9 @@ def _unreadable(image_path: str, req: Request, path: ImportPath, exc: Unsupporte
     fmt = detected_format(image_path)
     if fmt is None:
         return [error("IMG.0057", exc.message, "give a valid image file")]
+    if fmt in REGISTRY:      # a format imgkit reads, in a version or with a feature it cannot take
+        return [error("IMG.0057", exc.message, "rewrite it with the tool that made it, or convert it "
+                                               "to a plain image first")]
     found, _ = check_file(path, fmt, os.path.getsize(image_path), None, req.min_disk)
     if fmt == "iso" and req.os_version is None:
         found.append(error("IMGKIT.OS_VERSION_MISSING", "os_version is required for an ISO file (5.1.3)",
