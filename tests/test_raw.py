@@ -21,6 +21,15 @@ def digest(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+def fresh_pair(folder, size: int, runs):
+    """src.raw written from runs and no dst.raw: hypothesis reuses one tmp_path per test."""
+    src, dst = folder / "src.raw", folder / "dst.raw"
+    dst.unlink(missing_ok=True)
+    src.unlink(missing_ok=True)
+    write_sparse(src, size, runs)
+    return src, dst
+
+
 @st.composite
 def sparse_layouts(draw, max_size=24 * MiB):
     """A virtual size (any multiple of 512, not always whole MiB) and runs of random bytes."""
@@ -39,11 +48,7 @@ def sparse_layouts(draw, max_size=24 * MiB):
        threads=st.sampled_from([1, 2, 3]))
 def test_raw_round_trip_is_bit_exact(tmp_path, layout, sparse, threads):
     size, runs = layout
-    src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
-    for p in (src, dst):
-        if p.exists():
-            p.unlink()
-    write_sparse(src, size, runs)
+    src, dst = fresh_pair(tmp_path, size, runs)
     imgkit.convert(src, dst, "raw", sparse=sparse, threads=threads)
     assert digest(src) == digest(dst)
     assert os.path.getsize(dst) == size
@@ -180,11 +185,7 @@ def test_unreadable_input(tmp_path):
 @given(layout=sparse_layouts(max_size=12 * MiB))
 def test_raw_output_matches_qemu(qemu_img, tmp_path, layout):
     size, runs = layout
-    src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
-    for p in (src, dst):
-        if p.exists():
-            p.unlink()
-    write_sparse(src, size, runs)
+    src, dst = fresh_pair(tmp_path, size, runs)
     imgkit.convert(src, dst, "raw")
     assert qemu("compare", "-f", "raw", "-F", "raw", str(src), str(dst), check=False).returncode == 0
     assert qemu_info(dst, "raw")["virtual-size"] == size
