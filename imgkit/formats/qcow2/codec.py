@@ -4,6 +4,7 @@ from __future__ import annotations
 import zlib
 
 from ...errors import InvalidImage, UnsupportedFormat
+from .. import zlib_backend
 
 
 def zstd_module():
@@ -19,11 +20,7 @@ def deflate_compressor():
     64 KiB clusters of an ext4 image and of shared libraries: zlib-ng takes 0.4-0.6x the stdlib's
     CPU for output 0.6-2.8% larger; isal (level 2-3) is faster still but 2.5-7% larger, too
     close to the 5% size budget against qemu-img."""
-    try:
-        from zlib_ng import zlib_ng as module
-    except ImportError:
-        module = zlib
-    return lambda data: _deflate_with(module, data, 6)
+    return lambda data: _deflate_with(zlib_backend.module, data, 6)
 
 
 def _deflate_with(module, data, level: int) -> bytes:

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import zlib
 
-try:
-    from zlib_ng import zlib_ng as _fast
-except ImportError:   # pragma: no cover - depends on the installation
-    _fast = None
+from ..zlib_backend import ERRORS, FAST, module
 
-LEVEL = 5 if _fast is not None else 6
-crc32 = _fast.crc32 if _fast is not None else zlib.crc32   # the same CRC-32, faster in zlib-ng
-decompressobj = _fast.decompressobj if _fast is not None else zlib.decompressobj   # inflates 3x faster
-errors = (zlib.error,) + ((_fast.error,) if _fast is not None else ())
+LEVEL = 5 if FAST else 6
+crc32 = module.crc32                      # the same CRC-32, faster in zlib-ng
+decompressobj = module.decompressobj      # zlib-ng inflates 3x faster
+errors = ERRORS                           # what a failed inflate raises, either backend
 
 
 def compress_bound(n: int) -> int:
@@ -28,7 +25,7 @@ def compress_bound(n: int) -> int:
 
 def compress(data) -> bytes:
     """One grain as a zlib stream, never above compress_bound (stored blocks if need be)."""
-    out = _fast.compress(data, LEVEL) if _fast is not None else zlib.compress(data, LEVEL)
+    out = module.compress(data, LEVEL)
     if len(out) > compress_bound(len(data)):
         out = zlib.compress(data, 0)
     return out
